@@ -1,0 +1,164 @@
+"""What one training step costs: flow matching vs RCGM vs TwinFlow, same model and batch.
+
+    python benchmarks/step_cost.py                       # a small conv net on 32×32 images
+    python benchmarks/step_cost.py --model mlp --batch 512   # the toy_2d.py MLP
+    python benchmarks/step_cost.py --device cuda --bf16  # where a GPU is available
+
+A step is everything a training loop does: loss (with its no-grad EMA/target passes), backward,
+optimizer step, EMA update. Time: the median of --steps timed steps after --warmup ones.
+Memory: the bytes of tensors autograd saves for backward (any device; the activations, which are
+what grows with the loss), and on CUDA also the true peak allocated memory of the step.
+Rows: each method with split=True (our default: the batch is cut into parts, one job per part) and
+TwinFlow with split=False (the tutorial's form: every term on the whole batch), without and with
+the enhanced target (kappa > 0: two more no-grad EMA passes).
+"""
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import training_loss, update_ema  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--model", default="conv", choices=["conv", "mlp"])
+parser.add_argument("--batch", type=int, default=64)
+parser.add_argument("--width", type=int, default=64, help="channels (conv) or hidden units (mlp)")
+parser.add_argument("--steps", type=int, default=10)
+parser.add_argument("--warmup", type=int, default=3)
+parser.add_argument("--device", default="auto")
+parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward passes")
+parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+
+
+class ConvNet(nn.Module):
+    """A small class-conditional residual conv net on (B, 3, 32, 32), t and tt embedded."""
+
+    def __init__(self, width=64, blocks=4, classes=10):
+        super().__init__()
+        self.time = nn.Sequential(nn.Linear(2 * 32, width), nn.SiLU(), nn.Linear(width, width))
+        self.label = nn.Embedding(classes + 1, width)  # the last class is the null class
+        self.inp = nn.Conv2d(3, width, 3, padding=1)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.GroupNorm(8, width), nn.SiLU(),
+                                                  nn.Conv2d(width, width, 3, padding=1),
+                                                  nn.GroupNorm(8, width), nn.SiLU(),
+                                                  nn.Conv2d(width, width, 3, padding=1))
+                                    for _ in range(blocks))
+        self.out = nn.Conv2d(width, 3, 3, padding=1)
+        self.register_buffer("freqs", torch.exp(torch.linspace(0, 6, 16)))
+
+    def forward(self, x_t, t, tt, y):
+        angles = torch.cat([t[:, None] * self.freqs, tt[:, None] * self.freqs], 1)
+        emb = self.time(torch.cat([angles.sin(), angles.cos()], 1)) + self.label(y)
+        h = self.inp(x_t)
+        for block in self.blocks:
+            h = h + block(h + emb[:, :, None, None])
+        return self.out(h)
+
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def build(args, device):
+    torch.manual_seed(0)
+    if args.model == "conv":
+        model = ConvNet(args.width).to(device)
+        x = torch.randn(args.batch, 3, 32, 32, device=device)
+        y = torch.randint(0, 10, (args.batch,), device=device)
+        cond, null_cond = {"y": y}, {"y": torch.full_like(y, 10)}
+    else:
+        from toy_2d import MLP
+        model = MLP(args.width).to(device)
+        x, cond, null_cond = torch.randn(args.batch, 2, device=device), {}, None
+    return model, x, cond, null_cond
+
+
+def measure(args, device, method, split, kappa):
+    model, x, cond, null_cond = build(args, device)
+    if kappa and null_cond is None:
+        return None
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    saved = {}
+
+    def pack(tensor):  # count each storage autograd keeps for backward once
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    def step(i, count_memory=False):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            if count_memory:
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    loss, _ = training_loss(model, ema, x, method, cond, null_cond, kappa, split=split)
+            else:
+                loss, _ = training_loss(model, ema, x, method, cond, null_cond, kappa, split=split)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        update_ema(ema, model, 0.99, i)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elif device.type == "mps":
+            torch.mps.synchronize()
+
+    for i in range(args.warmup):
+        step(i)
+    times = []
+    for i in range(args.steps):
+        sync()
+        start = time.perf_counter()
+        step(i)
+        sync()
+        times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    step(0, count_memory=True)
+    peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else None
+    return {"ms": 1000 * statistics.median(times), "saved_mb": sum(saved.values()) / 2**20,
+            "peak_mb": peak / 2**20 if peak is not None else None}
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    rows = [("flow", True, 0.0), ("rcgm", True, 0.0), ("twinflow", True, 0.0), ("twinflow", False, 0.0),
+            ("flow", True, 0.5), ("twinflow", True, 0.5)]
+    print(f"device {device}, model {args.model} (width {args.width}), batch {args.batch}, "
+          f"bf16 {args.bf16}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    results = {}
+    for method, split, kappa in rows:
+        r = measure(args, device, method, split, kappa)
+        if r is not None:
+            results[(method, split, kappa)] = r
+    header = f"{'method':<10} {'form':<9} {'kappa':>5} {'ms/step':>9} {'× flow':>7} {'saved MB':>9} {'× flow':>7}"
+    has_peak = device.type == "cuda"
+    print(header + (f" {'peak MB':>9} {'× flow':>7}" if has_peak else ""))
+    for (method, split, kappa), r in results.items():
+        ref = results[("flow", True, 0.0)]  # every ratio is against plain, unguided flow matching
+        line = (f"{method:<10} {'split' if split else 'whole':<9} {kappa:>5} {r['ms']:9.1f} "
+                f"{r['ms'] / ref['ms']:7.2f} {r['saved_mb']:9.1f} {r['saved_mb'] / ref['saved_mb']:7.2f}")
+        if has_peak:
+            line += f" {r['peak_mb']:9.1f} {r['peak_mb'] / ref['peak_mb']:7.2f}"
+        print(line)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,350 @@
+"""Behaviour of the TwinFlow loss and the sampler in common.py, on tiny models."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from common import (base_target, enhanced_velocity, interpolate, predict, rectify_loss, sample,
+                    time_grid, training_loss, update_ema)
+
+
+class TinyNet(nn.Module):
+    """A velocity model for any x shape: a per-feature MLP on (x, t, tt, label)."""
+
+    def __init__(self, features, width=32, sign_aware=True, classes=0):
+        super().__init__()
+        self.sign_aware = sign_aware
+        self.net = nn.Sequential(nn.Linear(features + 2, width), nn.SiLU(), nn.Linear(width, features))
+        self.embed = nn.Embedding(classes + 1, features + 2) if classes else None
+
+    def forward(self, x_t, t, tt, y=None):
+        if not self.sign_aware:  # blind to the trajectory: the fake and real branches coincide
+            t, tt = t.abs(), tt.abs()
+        h = torch.cat([x_t.flatten(1), t[:, None], tt[:, None]], 1).to(x_t.dtype)
+        if self.embed is not None:
+            h = h + self.embed(y)
+        return self.net(h).reshape(x_t.shape)
+
+
+class Spy(nn.Module):
+    """Records the (t, tt) of every call and whether it was made with gradient."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, []
+
+    def forward(self, x_t, t, tt, **cond):
+        self.calls.append((t.detach().clone(), tt.detach().clone(), torch.is_grad_enabled(), len(x_t)))
+        return self.model(x_t, t, tt, **cond)
+
+
+SHAPES = [(8, 2), (8, 3, 4, 4), (8, 5, 6)]  # points, images, packed latents
+
+
+def make(shape, seed=0, **kw):
+    torch.manual_seed(seed)
+    features = int(torch.tensor(shape[1:]).prod())
+    model = TinyNet(features, **kw)
+    return model, copy.deepcopy(model).requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Contract: shapes, dtypes, inversion
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("method", ["flow", "rcgm", "twinflow"])
+def test_loss_shapes_dtypes_and_gradient(shape, method):
+    model, ema = make(shape)
+    loss, logs = training_loss(model, ema, torch.randn(shape), method=method)
+    assert loss.shape == () and loss.dtype == torch.float32 and torch.isfinite(loss)
+    expected = {"flow": {"loss", "flow"}, "rcgm": {"loss", "base"},
+                "twinflow": {"loss", "base", "adv", "rectify"}}[method]
+    assert set(logs) == expected and all(not v.requires_grad for v in logs.values())
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert all(p.grad is None for p in ema.parameters())
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_sample_shape_and_dtype(shape):
+    model, _ = make(shape)
+    for steps, style, order in [(1, "few", 1), (3, "any", 1), (4, "mul", 2)]:
+        out = sample(model, torch.randn(shape), steps=steps, style=style, order=order)
+        assert out.shape == shape and out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_x_hat_z_hat_invert_exactly(sign):
+    model, _ = make((16, 2))
+    x_t = torch.randn(16, 2)
+    t = sign * torch.rand(16)
+    x_hat, z_hat, F = predict(model, x_t, t, t)
+    torch.testing.assert_close(interpolate(x_hat, z_hat, t), x_t)  # x_t = |t|·ẑ + (1 − |t|)·x̂
+    torch.testing.assert_close(z_hat - x_hat, F)  # the velocity is ẑ − x̂
+
+
+def test_interpolation_endpoints():
+    x, z = torch.randn(4, 3), torch.randn(4, 3)
+    torch.testing.assert_close(interpolate(x, z, torch.zeros(4)), x)
+    torch.testing.assert_close(interpolate(x, z, torch.ones(4)), z)
+    torch.testing.assert_close(interpolate(x, z, -torch.ones(4)), z)
+
+
+# ----------------------------------------------------------------------------------------------
+# The base (RCGM) target
+# ----------------------------------------------------------------------------------------------
+def test_base_target_is_flow_matching_when_tt_near_t():
+    model, ema = make((32, 2))
+    x_t, v_star, F = torch.randn(32, 2), torch.randn(32, 2), torch.randn(32, 2)
+    t = torch.rand(32) * 0.98 + 0.01
+    for gap in [0.0, 1e-4, 0.005, 0.0099]:  # t − tt < Δt: plain flow matching, target = v*
+        target = base_target(ema, F, x_t, t, t - gap, v_star, {})
+        torch.testing.assert_close(target, v_star)
+
+
+@pytest.mark.parametrize("t,tt", [(0.0, 0.0), (1.0, 1.0), (1.0, 0.0), (0.5, 0.5), (0.01, 0.0),
+                                  (1e-7, 0.0), (0.3, 0.29)])
+def test_base_target_finite_at_the_edges(t, tt):
+    model, ema = make((8, 2))
+    t_, tt_ = torch.full((8,), t), torch.full((8,), tt)
+    target = base_target(ema, torch.randn(8, 2), torch.randn(8, 2), t_, tt_, torch.randn(8, 2), {})
+    assert torch.isfinite(target).all()
+
+
+class ConstantVelocity(nn.Module):
+    def __init__(self, v):
+        super().__init__()
+        self.v = v
+
+    def forward(self, x_t, t, tt):
+        return self.v.expand_as(x_t)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_base_target_fixed_point_on_a_straight_flow(order):
+    """If every velocity along the path is the same c, the consistent jump velocity is c."""
+    c = torch.randn(1, 2)
+    t = torch.rand(64) * 0.9 + 0.1
+    tt = t * torch.rand(64)
+    F = c.expand(64, 2)
+    target = base_target(ConstantVelocity(c), F, torch.randn(64, 2), t, tt, F, {}, order)
+    torch.testing.assert_close(target, F, atol=1e-4, rtol=1e-4)  # ρ divides float32 error by Δt
+
+
+def test_base_target_clamps_the_consistency_residual():
+    c = torch.zeros(1, 2)
+    t, tt = torch.ones(4), torch.zeros(4)
+    F = torch.full((4, 2), 5.0)  # far from the consistent velocity 0: ρ = 100·5, clamped to 1
+    target = base_target(ConstantVelocity(c), F, torch.randn(4, 2), t, tt, torch.zeros(4, 2), {})
+    torch.testing.assert_close(target, F - 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# L_rectify, L_adv and the enhanced target
+# ----------------------------------------------------------------------------------------------
+def rectify_grads(sign_aware):
+    model, _ = make((16, 2), sign_aware=sign_aware)
+    z = torch.randn(16, 2)
+    F_one = model(z, torch.ones(16), torch.zeros(16))
+    rectify_loss(model, F_one, (z - F_one).detach(), {}).mean().backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def test_rectify_gradient_vanishes_when_fake_and_real_branches_agree():
+    assert rectify_grads(sign_aware=False).abs().max() == 0  # Δv = 0 exactly
+    assert rectify_grads(sign_aware=True).abs().max() > 0
+
+
+def test_rectify_gradient_points_along_delta_v():
+    """d/dF of ‖F − sg(F − Δv)‖² is 2Δv/numel: descent moves x̂ = z − F along +Δv."""
+    torch.manual_seed(0)
+    model, _ = make((4, 2))
+    F_one = torch.randn(4, 2, requires_grad=True)
+    x_fake = torch.randn(4, 2)
+    torch.manual_seed(1)
+    rectify_loss(model, F_one, x_fake, {}).sum().backward()
+    torch.manual_seed(1)  # replay the same z', τ' to rebuild Δv by hand
+    z, tau = torch.randn_like(x_fake), torch.rand(4)
+    x_tau = interpolate(x_fake, z, tau)
+    delta_v = (model(x_tau, -tau, -tau) - model(x_tau, tau, tau)).clamp(-1, 1)
+    torch.testing.assert_close(F_one.grad, 2 * delta_v.detach() / 2)
+
+
+def test_negative_time_reaches_the_model_only_in_twinflow():
+    for method, expect_negative in [("flow", False), ("rcgm", False), ("twinflow", True)]:
+        model, ema = make((16, 2))
+        spy = Spy(model)
+        training_loss(spy, ema, torch.randn(16, 2), method=method)
+        with_grad = [c for c in spy.calls if c[2]]
+        assert len(with_grad) == 1, "one forward pass with gradient per step"
+        t, tt = with_grad[0][0], with_grad[0][1]
+        assert bool((t < 0).any()) == expect_negative
+        assert ((t < 0) == (tt < 0)).all(), "t and tt share their sign"
+
+
+def test_twinflow_split_parts():
+    model, ema = make((16, 2))
+    spy = Spy(model)
+    training_loss(spy, ema, torch.randn(16, 2), method="twinflow")
+    t, tt, _, n = next(c for c in spy.calls if c[2])
+    assert n == 16
+    torch.testing.assert_close(t[:4], torch.ones(4))  # one-step part: (1, 0)
+    torch.testing.assert_close(tt[:4], torch.zeros(4))
+    assert ((tt[4:8] <= t[4:8]) & (tt[4:8] >= 0.95 * t[4:8])).all()  # multi: a near-instant jump
+    assert ((tt[8:12] <= t[8:12]) & (tt[8:12] >= 0)).all()  # any-step
+    torch.testing.assert_close(t[12:], tt[12:])  # adversarial: t = tt = −τ
+    assert (t[12:] <= 0).all()
+
+
+def test_split_false_runs_every_part_on_the_whole_batch():
+    model, ema = make((8, 2))
+    spy = Spy(model)
+    training_loss(spy, ema, torch.randn(8, 2), method="twinflow", split=False)
+    assert next(c for c in spy.calls if c[2])[3] == 32
+
+
+def test_batch_too_small_and_bad_method_are_clear_errors():
+    model, ema = make((3, 2))
+    with pytest.raises(ValueError, match="batch 3 is too small"):
+        training_loss(model, ema, torch.randn(3, 2), method="twinflow")
+    with pytest.raises(ValueError, match="method must be"):
+        training_loss(model, ema, torch.randn(3, 2), method="gan")
+    with pytest.raises(ValueError, match="null_cond"):
+        training_loss(model, ema, torch.randn(4, 2), method="flow", kappa=0.5)
+
+
+def test_enhanced_velocity_uses_the_null_class():
+    torch.manual_seed(0)
+    model = TinyNet(2, classes=3)
+    x, z, t = torch.randn(6, 2), torch.randn(6, 2), torch.rand(6)
+    x_t = interpolate(x, z, t)
+    y, null = torch.tensor([0, 1, 2, 0, 1, 2]), torch.full((6,), 3)
+    v = enhanced_velocity(model, x_t, t, x, z, {"y": y}, {"y": null}, kappa=0.5)
+    expected = (z - x) + 0.5 * (model(x_t, t, t, y=y) - model(x_t, t, t, y=null))
+    torch.testing.assert_close(v, expected.detach())
+    assert torch.equal(enhanced_velocity(model, x_t, t, x, z, {"y": y}, {"y": null}, 0.0), z - x)
+
+
+def test_conditional_training_with_guidance():
+    torch.manual_seed(0)
+    model = TinyNet(2, classes=3)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    y = torch.randint(0, 3, (8,))
+    for method in ["flow", "rcgm", "twinflow"]:
+        loss, _ = training_loss(model, ema, torch.randn(8, 2), method=method, cond={"y": y},
+                                null_cond={"y": torch.full_like(y, 3)}, kappa=0.5)
+        loss.backward()
+        assert torch.isfinite(loss)
+
+
+def test_bf16_autocast_on_cpu():
+    model, ema = make((8, 2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = training_loss(model, ema, torch.randn(8, 2), method="twinflow")
+        out = sample(model, torch.randn(8, 2), steps=2)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss) and torch.isfinite(out).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampler
+# ----------------------------------------------------------------------------------------------
+def test_one_step_sample_from_t1_returns_x_hat():
+    model, _ = make((8, 2))
+    z = torch.randn(8, 2)
+    expected = z - model(z, torch.ones(8), torch.zeros(8))
+    torch.testing.assert_close(sample(model, z, steps=1), expected.detach())
+
+
+@pytest.mark.parametrize("steps,order,nfe", [(1, 1, 1), (4, 1, 4), (1, 2, 1), (4, 2, 7)])
+def test_number_of_function_evaluations(steps, order, nfe):
+    model, _ = make((8, 2))
+    spy = Spy(model)
+    sample(spy, torch.randn(8, 2), steps=steps, order=order)
+    assert len(spy.calls) == nfe
+
+
+class LinearField(nn.Module):
+    """dx/dt = x, so x(0) = x(1)·e⁻¹ exactly."""
+
+    def forward(self, x_t, t, tt):
+        return x_t
+
+
+def test_order_2_is_more_accurate_than_order_1():
+    z = torch.randn(16, 2)
+    exact = z * torch.exp(torch.tensor(-1.0))
+    error = {order: (sample(LinearField(), z, steps=6, style="mul", order=order) - exact).abs().max()
+             for order in (1, 2)}
+    assert error[2] < error[1] / 5
+
+
+def test_stochastic_ratio_and_fake_branch():
+    model, _ = make((8, 2))
+    spy = Spy(model)
+    z = torch.randn(8, 2)
+    torch.manual_seed(0)
+    a = sample(spy, z, steps=3, stochastic_ratio=1.0)
+    torch.manual_seed(1)
+    b = sample(model, z, steps=3, stochastic_ratio=1.0)
+    assert not torch.allclose(a, b)  # fresh noise each step
+    torch.testing.assert_close(sample(model, z, steps=3, stochastic_ratio=0.0),
+                               sample(model, z, steps=3, stochastic_ratio=0.0))
+    spy.calls.clear()
+    _, trajectory = sample(spy, z, steps=3, style="mul", fake=True, return_trajectory=True)
+    assert all((c[0] < 0).all() for c in spy.calls) and trajectory.shape == (4, 8, 2)
+
+
+def test_time_grid():
+    torch.testing.assert_close(time_grid(1), torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(time_grid(4), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
+    torch.testing.assert_close(time_grid(2, gap=(0.001, 0.6)), torch.tensor([0.999, 0.6, 0.0]))
+    grid = time_grid(8, kumaraswamy=(1.0, 2.0, 1.0))
+    assert grid[0] == 1 and grid[-1] == 0 and (grid[1:] < grid[:-1]).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# EMA, seeds, long runs
+# ----------------------------------------------------------------------------------------------
+def test_update_ema():
+    model, ema = make((4, 2))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in ema.parameters()]
+    update_ema(ema, model, 0.9)
+    for e, b, p in zip(ema.parameters(), before, model.parameters()):
+        torch.testing.assert_close(e, 0.9 * b + 0.1 * p)
+    update_ema(ema, model, 0.99, step=0)  # the warm-up starts from a copy
+    for e, p in zip(ema.parameters(), model.parameters()):
+        torch.testing.assert_close(e, p)
+
+
+def short_run(seed, steps, method="twinflow", shape=(16, 2)):
+    model, ema = make(shape, seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    data, losses = torch.randn(256, *shape[1:]) * 0.5 + 1.0, []
+    for step in range(steps):
+        x = data[torch.randint(len(data), (shape[0],))]
+        loss, _ = training_loss(model, ema, x, method=method)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        update_ema(ema, model, 0.99, step)
+        losses.append(loss.item())
+    return losses, model
+
+
+def test_a_seed_makes_a_cpu_run_reproducible():
+    a, model_a = short_run(seed=3, steps=5)
+    b, model_b = short_run(seed=3, steps=5)
+    c, _ = short_run(seed=4, steps=5)
+    assert a == b and a != c
+    for p, q in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("method", ["flow", "rcgm", "twinflow"])
+def test_no_nan_over_many_steps(method):
+    losses, _ = short_run(seed=0, steps=300, method=method, shape=(8, 3, 2, 2))
+    assert all(torch.isfinite(torch.tensor(losses)))
