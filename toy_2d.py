@@ -43,7 +43,7 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--target", default="8gaussians", choices=TARGETS)
 parser.add_argument("--data", default=None, help="an .npy file of shape (N, 2): train on your own points")
 parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of flow,rcgm,twinflow")
-parser.add_argument("--train-steps", type=int, default=3000)
+parser.add_argument("--train-steps", type=int, default=5000)
 parser.add_argument("--batch", type=int, default=512)
 parser.add_argument("--lr", type=float, default=1e-3)
 parser.add_argument("--ema", type=float, default=0.99)
@@ -57,6 +57,9 @@ parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
 
 def pick_device(name):
     if name != "auto":
+        available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+        if not available.get(name.split(":")[0], False):
+            raise SystemExit(f"error: --device {name}: not available here (try auto, cpu, cuda or mps)")
         return torch.device(name)
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -183,7 +186,7 @@ def train(method, pool, args, device, gif_noise, normalize, denormalize):
         update_ema(ema, model, args.ema, step)
         if step % 10 == 0:
             logs.append({"step": step, **{k: v.item() for k, v in terms.items()}})
-            bar.set_postfix(loss=f"{logs[-1]['loss']:.3f}")
+            bar.set_postfix(loss=f"{logs[-1]['loss']:.3f}", refresh=False)
     return ema, logs, frames
 
 
@@ -239,7 +242,8 @@ def plot_losses(path, all_logs):
         steps = [row["step"] for row in logs]
         for term in [k for k in logs[0] if k != "step"]:
             values = np.array([row[term] for row in logs])
-            smooth = np.convolve(values, np.ones(10) / 10, mode="valid")  # 100-step moving average
+            window = min(10, len(values))  # a moving average over 100 steps
+            smooth = np.convolve(values, np.ones(window) / window, mode="valid")
             ax.plot(steps[len(steps) - len(smooth):], smooth, label=term)
         ax.set_yscale("log"), ax.set_title(method), ax.set_xlabel("step"), ax.legend(fontsize=8)
     fig.tight_layout()
@@ -268,15 +272,16 @@ def save_gif(path, all_frames, reference, lims, train_steps):
 # ----------------------------------------------------------------------------------------------
 def main(argv=None):
     args = parser.parse_args(argv)
+    start_all = time.time()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods or any(m not in METHODS for m in methods):
         parser.error(f"--methods must be a comma-separated subset of {','.join(METHODS)}, got {args.methods!r}")
     if args.batch < 4:
         parser.error(f"--batch must be at least 4 (twinflow splits each batch into 4 parts), got {args.batch}")
     device = pick_device(args.device)
-    os.makedirs(args.out, exist_ok=True)
     rng = np.random.default_rng(args.seed)
     pool, reference, reference_2 = load_data(args, rng)
+    os.makedirs(args.out, exist_ok=True)
 
     # Train in standardized coordinates; every output is mapped back to the data's own.
     mean, std = torch.from_numpy(pool.mean(0)), float(pool.std())
@@ -313,7 +318,8 @@ def main(argv=None):
         plot_twin(os.path.join(args.out, "twin_trajectories.png"), models["twinflow"], reference,
                   eval_noise[:400], denormalize, lims, args.many_steps)
     report = {"target": args.data or args.target, "metric": "sliced Wasserstein-1 (512 directions)",
-              "num_eval": len(reference), "train_seconds": seconds, "device": str(device),
+              "num_eval": len(reference), "train_seconds": seconds,
+              "total_seconds": round(time.time() - start_all, 1), "device": str(device),
               "config": vars(args), **metrics}
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -324,7 +330,7 @@ def main(argv=None):
     print(f"{'method':>10} " + " ".join(f"{f'{k} NFE':>9}" for k in columns) + "   train s")
     for m in methods:
         print(f"{m:>10} " + " ".join(f"{metrics[m][f'nfe{k}']:9.4f}" for k in columns) + f"   {seconds[m]:7.1f}")
-    print(f"wrote {args.out}/")
+    print(f"wrote {args.out}/ in {report['total_seconds']:.0f} s")
     return report
 
 
