@@ -154,8 +154,8 @@ def training_loss(model, ema_model, x, method="twinflow", cond=None, null_cond=N
         multi  t ~ U(0,1), tt = t(1 − 0.05u)  base target (≈ flow matching, a near-instant jump)
         any    t ~ U(0,1), tt = u·t           base target (an arbitrary jump)
         adv    x ← own one-step samples, t = tt = −τ     L_adv
-    split=False (the authors' MNIST tutorial): every part gets the whole batch, which costs about
-    4× the compute for the same batch (benchmarks/step_cost.py measures it).
+    split=False (the authors' MNIST tutorial): every part gets the whole batch: 4× the activation
+    memory and 4–12× the time of a split step (benchmarks/step_cost.py).
     logs holds detached per-term means, for printing."""
     cond, B, device = cond or {}, x.shape[0], x.device
     if kappa and null_cond is None:
