@@ -24,6 +24,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import training_loss, update_ema  # noqa: E402
+from toy_2d import MLP, pick_device  # noqa: E402  (the toy's MLP and device choice)
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="conv", choices=["conv", "mlp"])
@@ -61,16 +62,6 @@ class ConvNet(nn.Module):
         return self.out(h)
 
 
-def pick_device(name):
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 def build(args, device):
     torch.manual_seed(0)
     if args.model == "conv":
@@ -79,7 +70,6 @@ def build(args, device):
         y = torch.randint(0, 10, (args.batch,), device=device)
         cond, null_cond = {"y": y}, {"y": torch.full_like(y, 10)}
     else:
-        from toy_2d import MLP
         model = MLP(args.width).to(device)
         x, cond, null_cond = torch.randn(args.batch, 2, device=device), {}, None
     return model, x, cond, null_cond
