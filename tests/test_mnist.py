@@ -1,0 +1,170 @@
+"""mnist_twinflow.py on a tiny MNIST written in the real idx format, so the real loader runs."""
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import mnist_twinflow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_idx_mnist(root, n_train=64, n_test=32, seed=0):
+    """MNIST/raw/ with torchvision's file names: a bright bar whose position encodes the class."""
+    rng = np.random.default_rng(seed)
+    raw = os.path.join(root, "MNIST", "raw")
+    os.makedirs(raw, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = np.arange(n) % 10
+        images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
+        for image, label in zip(images, labels):
+            image[4 + 2 * label: 6 + 2 * label, 4:24] = 255
+        with open(os.path.join(raw, f"{prefix}-images-idx3-ubyte"), "wb") as f:
+            f.write(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
+        with open(os.path.join(raw, f"{prefix}-labels-idx1-ubyte"), "wb") as f:
+            f.write(struct.pack(">II", 2049, n) + labels.astype(np.uint8).tobytes())
+    return root
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return write_idx_mnist(str(tmp_path_factory.mktemp("mnist")))
+
+
+def tiny(data_root, out, *extra):
+    """Flags for a run that takes seconds: a narrow UNet, batch 8, 20 evaluation samples."""
+    return ["--data-root", data_root, "--no-download", "--out", str(out), "--channels", "8,16,16",
+            "--batch", "8", "--train-steps", "4", "--num-eval", "20", "--many-steps", "3",
+            "--classifier", os.path.join(data_root, "classifier.pt"), "--classifier-epochs", "30",
+            "--device", "cpu", *extra]
+
+
+def test_loader_reads_the_idx_files(data_root):
+    images, labels = mnist_twinflow.load_mnist(data_root, train=True, download=False)
+    assert images.shape == (64, 1, 28, 28) and labels.tolist() == [i % 10 for i in range(64)]
+    assert images.min() >= -1 and images.max() == 1
+
+
+def test_missing_data_is_a_one_line_error_naming_the_flag(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        mnist_twinflow.main(tiny(str(tmp_path / "empty"), tmp_path / "o"))
+    message = str(e.value)
+    assert message.startswith("error: --data-root") and "\n" not in message
+
+
+def test_bad_flags_are_refused(data_root, tmp_path):
+    for flags in (["--channels", "8,16"], ["--batch", "2"], ["--sample"], ["--train-steps", "0"]):
+        with pytest.raises(SystemExit) as e:
+            mnist_twinflow.main(tiny(data_root, tmp_path / "o") + flags)
+        assert e.value.code == 2, flags  # argparse's usage error
+
+
+def test_the_sign_of_t_reaches_the_unet():
+    torch.manual_seed(0)
+    model = mnist_twinflow.UNet((8, 16, 16))
+    x, t, y = torch.randn(4, 1, 28, 28), torch.rand(4), torch.arange(4)
+    assert model(x, t, t, y).shape == x.shape
+    assert not torch.allclose(model(x, t, t, y), model(x, -t, -t, y))
+
+
+@pytest.mark.parametrize("method", ["flow", "twinflow"])
+def test_training_writes_checkpoint_grids_and_metrics(data_root, tmp_path, method):
+    out = tmp_path / method
+    result = mnist_twinflow.main(tiny(data_root, out, "--method", method))
+    for name in ["checkpoint.pt", "grids.png", "grid_nfe1.png", "grid_nfe3.png", "losses.png", "metrics.json"]:
+        assert (out / name).stat().st_size > 0, name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == method and metrics["steps"] == 4
+    for nfe in (1, 2, 4, 3):
+        assert 0 <= metrics[f"nfe{nfe}"]["accuracy"] <= 1 and np.isfinite(metrics[f"nfe{nfe}"]["fd"])
+    assert metrics["data"]["accuracy"] > 0.5  # the evaluator itself learned the tiny classes
+    assert result["nfe1"] == metrics["nfe1"]
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(data_root, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    mnist_twinflow.main(tiny(data_root, straight, "--log-every", "1"))
+    mnist_twinflow.main(tiny(data_root, resumed, "--log-every", "1", "--train-steps", "2"))
+    mnist_twinflow.main(tiny(data_root, resumed, "--log-every", "1", "--resume"))
+    logs_straight = torch.load(straight / "checkpoint.pt", weights_only=False)["logs"]
+    logs_resumed = torch.load(resumed / "checkpoint.pt", weights_only=False)["logs"]
+    assert [row["step"] for row in logs_resumed] == [0, 1, 2, 3]
+    assert logs_resumed == logs_straight  # steps 2 and 3 ran after the restart, and match exactly
+
+
+def test_a_corrupt_or_foreign_checkpoint_is_a_clear_error(data_root, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="not a readable checkpoint"):
+        mnist_twinflow.main(tiny(data_root, out, "--resume"))
+    torch.save({"weights": 1}, out / "checkpoint.pt")
+    with pytest.raises(SystemExit, match="not a checkpoint of this script"):
+        mnist_twinflow.main(tiny(data_root, out, "--resume"))
+    with pytest.raises(SystemExit, match="no such checkpoint"):
+        mnist_twinflow.main(tiny(data_root, out, "--sample", "--ckpt", str(out / "missing.pt")))
+
+
+def test_ctrl_c_saves_the_step_that_did_not_finish(data_root, tmp_path, monkeypatch):
+    calls = []
+
+    def interrupted_loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    original = mnist_twinflow.training_loss
+    monkeypatch.setattr(mnist_twinflow, "training_loss", interrupted_loss)
+    with pytest.raises(SystemExit) as e:
+        mnist_twinflow.main(tiny(data_root, tmp_path / "o"))
+    assert e.value.code == 130
+    assert torch.load(tmp_path / "o" / "checkpoint.pt", weights_only=False)["step"] == 2
+
+
+def test_nan_loss_stops_without_touching_the_last_checkpoint(data_root, tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    mnist_twinflow.main(tiny(data_root, out, "--train-steps", "2"))
+    before = (out / "checkpoint.pt").read_bytes()
+    nan_loss = lambda *args, **kwargs: (torch.tensor(float("nan"), requires_grad=True), {})
+    monkeypatch.setattr(mnist_twinflow, "training_loss", nan_loss)
+    with pytest.raises(SystemExit, match="loss is nan at step 2"):
+        mnist_twinflow.main(tiny(data_root, out, "--resume"))
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_sample_mode_writes_grids_and_evenly_spread_classes(data_root, tmp_path):
+    out = tmp_path / "o"
+    mnist_twinflow.main(tiny(data_root, out, "--method", "rcgm", "--train-steps", "2"))
+    mnist_twinflow.main(tiny(data_root, tmp_path / "s", "--sample", "--ckpt", str(out / "checkpoint.pt"),
+                             "--nfe", "2", "--num", "30"))
+    saved = torch.load(tmp_path / "s" / "samples_nfe2.pt")
+    assert saved["samples"].shape == (30, 1, 28, 28) and saved["samples"].abs().max() <= 1
+    assert torch.bincount(saved["labels"]).tolist() == [3] * 10
+    assert (tmp_path / "s" / "grids.png").stat().st_size > 0
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_on_cpu(data_root, tmp_path):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+               os.path.join(ROOT, "mnist_twinflow.py"), *tiny(data_root, out, "--train-steps", "3")]
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "world size 2, global batch 8" in run.stdout
+    assert json.loads((out / "metrics.json").read_text())["world_size"] == 2
+    assert sorted(os.listdir(out)) == sorted(["checkpoint.pt", "grids.png", "grid_nfe1.png", "grid_nfe2.png",
+                                              "grid_nfe4.png", "grid_nfe3.png", "losses.png", "metrics.json"])
