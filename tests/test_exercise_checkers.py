@@ -1,0 +1,220 @@
+"""The exercise self-checks are themselves tested: each passes on the reference in common.py, catches
+planted wrong answers with the right diagnosis, and the learner stubs stay unsolved."""
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+import common
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "exercises"))
+import checks  # noqa: E402
+
+from common import expand, interpolate, per_sample_mse, predict  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------------
+# References with the exercises' signatures (built from common.py)
+# ----------------------------------------------------------------------------------------------
+def reference_adversarial(model, z, x_fake, **cond):
+    z_new, tau = torch.randn_like(x_fake), torch.rand(x_fake.shape[0])
+    _, _, F = predict(model, interpolate(x_fake, z_new, tau), -tau, -tau, **cond)
+    return common.adversarial_loss(F, z_new, x_fake)
+
+
+def reference_heun(model, z, steps, **cond):
+    return common.sample(model, z, steps=steps, style="mul", order=2, **cond)
+
+
+REFERENCES = {
+    "interpolate": (checks.check_interpolate, common.interpolate),
+    "predict": (checks.check_predict, common.predict),
+    "adversarial": (checks.check_adversarial_loss, reference_adversarial),
+    "rectify": (checks.check_rectify_loss, common.rectify_loss),
+    "base_target": (checks.check_base_target, common.base_target),
+    "heun": (checks.check_sample_heun, reference_heun),
+    "enhanced": (checks.check_enhanced_velocity, common.enhanced_velocity),
+}
+
+
+@pytest.mark.parametrize("name", REFERENCES)
+def test_every_checker_passes_on_the_reference(name):
+    check, reference = REFERENCES[name]
+    check(reference)
+
+
+# ----------------------------------------------------------------------------------------------
+# Planted wrong answers, each with the diagnosis the learner should read
+# ----------------------------------------------------------------------------------------------
+def swapped_interpolate(x, z, t):
+    a = expand(t.abs(), x)
+    return a * x + (1 - a) * z
+
+
+def signed_interpolate(x, z, t):
+    a = expand(t, x)
+    return a * z + (1 - a) * x
+
+
+def unbroadcast_interpolate(x, z, t):
+    return t[:, None] * z + (1 - t[:, None]) * x
+
+
+def plus_predict(model, x_t, t, tt, **cond):
+    F = model(x_t, t, tt, **cond).float()
+    return x_t + expand(t.abs(), F) * F, x_t + (1 - expand(t.abs(), F)) * F, F
+
+
+def signed_predict(model, x_t, t, tt, **cond):
+    F = model(x_t, t, tt, **cond).float()
+    return x_t - expand(t, F) * F, x_t + (1 - expand(t, F)) * F, F
+
+
+def bf16_predict(model, x_t, t, tt, **cond):
+    F = model(x_t, t, tt, **cond)
+    return x_t - expand(t.abs(), F) * F, x_t + (1 - expand(t.abs(), F)) * F, F
+
+
+def positive_time_adversarial(model, z, x_fake, **cond):
+    z_new, tau = torch.randn_like(x_fake), torch.rand(x_fake.shape[0])
+    _, _, F = predict(model, interpolate(x_fake, z_new, tau), tau, tau, **cond)
+    return per_sample_mse(F, z_new - x_fake)
+
+
+def reused_noise_adversarial(model, z, x_fake, **cond):
+    tau = torch.rand(x_fake.shape[0])
+    _, _, F = predict(model, interpolate(x_fake, z, tau), -tau, -tau, **cond)
+    return per_sample_mse(F, z - x_fake)
+
+
+def flipped_target_adversarial(model, z, x_fake, **cond):
+    z_new, tau = torch.randn_like(x_fake), torch.rand(x_fake.shape[0])
+    _, _, F = predict(model, interpolate(x_fake, z_new, tau), -tau, -tau, **cond)
+    return per_sample_mse(F, x_fake - z_new)
+
+
+def no_grad_adversarial(model, z, x_fake, **cond):
+    with torch.no_grad():
+        return reference_adversarial(model, z, x_fake, **cond)
+
+
+def rectify_with(flip=False, detach_target=True, clamp_it=True, same_sign=False):
+    def rectify_loss(model, F_one_step, x_fake, cond, clamp=1.0):
+        with torch.no_grad():
+            z, tau = torch.randn_like(x_fake), torch.rand(x_fake.shape[0])
+            x_tau = interpolate(x_fake, z, tau)
+            fake = model(x_tau, tau if same_sign else -tau, tau if same_sign else -tau, **cond)
+            real = model(x_tau, tau, tau, **cond)
+            delta_v = (real - fake) if flip else (fake - real)
+            delta_v = delta_v.clamp(-clamp, clamp) if clamp_it else delta_v
+        target = F_one_step - delta_v
+        return per_sample_mse(F_one_step, target.detach() if detach_target else target)
+    return rectify_loss
+
+
+def unguarded_base_target(ema_model, F, x_t, t, tt, v_star, cond, order=2):
+    """No flow-matching branch, and F* = (Δt·v* + P)/(t − tt) for every sample."""
+    with torch.no_grad():
+        a, b = expand(t, F), expand(tt, F)
+        t_m = torch.maximum(t - common.DT, tt)
+        x, P = x_t - common.DT * v_star, torch.zeros_like(F)
+        for i in range(order):
+            t_c, t_n = t_m + (tt - t_m) * (i / order), t_m + (tt - t_m) * ((i + 1) / order)
+            _, _, F_ema = predict(ema_model, x, t_c, t_n, **cond)
+            x, P = x - expand(t_c - t_n, x) * F_ema, P + expand(t_c - t_n, x) * F_ema
+        F_star = (common.DT * v_star + P) / (a - b)  # divides by t − tt: inf·0 where t = tt
+        return F - ((a - b) / common.DT * (F - F_star)).clamp(-1, 1)
+
+
+def unclamped_base_target(ema_model, F, x_t, t, tt, v_star, cond, order=2):
+    target = common.base_target(ema_model, F, x_t, t, tt, v_star, cond, order)
+    far = expand((t - tt) >= common.DT, F)
+    return torch.where(far, F + 3 * (target - F), target)  # a residual outside [−1, 1]
+
+
+def one_substep_base_target(ema_model, F, x_t, t, tt, v_star, cond, order=2):
+    return common.base_target(ema_model, F, x_t, t, tt, v_star, cond, order=1)
+
+
+def grad_base_target(ema_model, F, x_t, t, tt, v_star, cond, order=2):
+    return common.base_target.__wrapped__(ema_model, F, x_t, t, tt, v_star, cond, order)
+
+
+def heun_with(correct_last=False, correct=True):
+    def sample_heun(model, z, steps, **cond):
+        x, grid = z.clone(), torch.linspace(1, 0, steps + 1)
+        for i in range(steps):
+            t_c, t_n = grid[i].expand(len(z)), grid[i + 1].expand(len(z))
+            F = model(x, t_c, t_c, **cond)
+            if correct and (correct_last or i < steps - 1):
+                x_euler = x + expand(t_n - t_c, x) * F
+                F = (F + model(x_euler, t_n, t_n, **cond)) / 2
+            x = x + expand(t_n - t_c, x) * F
+        return x
+    return sample_heun
+
+
+def flipped_enhanced(ema_model, x_t, t, x, z, cond, null_cond, kappa):
+    return 2 * (z - x) - common.enhanced_velocity(ema_model, x_t, t, x, z, cond, null_cond, kappa)
+
+
+def shuffled_enhanced(ema_model, x_t, t, x, z, cond, null_cond, kappa):
+    shuffled = {"y": cond["y"][torch.randperm(len(cond["y"]))]}
+    return common.enhanced_velocity(ema_model, x_t, t, x, z, cond, shuffled, kappa)
+
+
+def grad_enhanced(ema_model, x_t, t, x, z, cond, null_cond, kappa):
+    return common.enhanced_velocity.__wrapped__(ema_model, x_t, t, x, z, cond, null_cond, kappa)
+
+
+PLANTED = [
+    ("interpolate", swapped_interpolate, "swapped ends"),
+    ("interpolate", signed_interpolate, "negative time"),
+    ("interpolate", unbroadcast_interpolate, "crashed on inputs of shapes"),
+    ("predict", plus_predict, "sign"),
+    ("predict", signed_predict, "time branch"),
+    ("predict", bf16_predict, "dtype"),
+    ("adversarial", positive_time_adversarial, "NEGATIVE time"),
+    ("adversarial", reused_noise_adversarial, "you reused z"),
+    ("adversarial", flipped_target_adversarial, "target sign"),
+    ("adversarial", no_grad_adversarial, "no gradient reaches the model"),
+    ("rectify", rectify_with(flip=True), "AWAY from the real data"),
+    ("rectify", rectify_with(detach_target=False), "no gradient reaches F_one_step"),
+    ("rectify", rectify_with(clamp_it=False), "clamp"),
+    ("rectify", rectify_with(same_sign=True), "time branches"),
+    ("base_target", unguarded_base_target, "inf/NaN"),
+    ("base_target", unclamped_base_target, "clamp"),
+    ("base_target", one_substep_base_target, "order"),
+    ("base_target", grad_base_target, "build it under torch.no_grad"),
+    ("heun", heun_with(correct=False), "that is Euler"),
+    ("heun", heun_with(correct_last=True), "the last step"),
+    ("enhanced", flipped_enhanced, "sign"),
+    ("enhanced", shuffled_enhanced, "use null_cond"),
+    ("enhanced", grad_enhanced, "under torch.no_grad"),
+]
+
+
+@pytest.mark.parametrize("name, wrong, diagnosis", PLANTED, ids=[f"{p[0]}-{p[1].__qualname__}" for p in PLANTED])
+def test_every_checker_catches_its_planted_wrong_answers(name, wrong, diagnosis):
+    check, _ = REFERENCES[name]
+    with pytest.raises(AssertionError, match=diagnosis):
+        check(wrong)
+
+
+def test_every_coding_exercise_is_covered_by_planted_answers():
+    assert {p[0] for p in PLANTED} == set(REFERENCES)
+
+
+@pytest.mark.parametrize("module", ["ex1_interpolate", "ex2_adversarial", "ex3_rectify", "ex4_base_target",
+                                    "ex5_heun", "ex6_enhanced"])
+def test_learner_stubs_stay_unsolved(module):
+    """The shipped files are TODOs; the checkers report them as such, not as a crash."""
+    stub = importlib.import_module(module)
+    name = {"ex1_interpolate": "interpolate", "ex2_adversarial": "adversarial", "ex3_rectify": "rectify",
+            "ex4_base_target": "base_target", "ex5_heun": "heun", "ex6_enhanced": "enhanced"}[module]
+    function = {"interpolate": "interpolate", "adversarial": "adversarial_loss", "rectify": "rectify_loss",
+                "base_target": "base_target", "heun": "sample_heun", "enhanced": "enhanced_velocity"}[name]
+    with pytest.raises(AssertionError, match="not solved yet"):
+        REFERENCES[name][0](getattr(stub, function))
