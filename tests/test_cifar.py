@@ -1,0 +1,127 @@
+"""cifar_twinflow.py on a tiny CIFAR-10 written in torchvision's pickle layout, so the real loader runs.
+Only the test patches torchvision's md5 check (the tiny files cannot match the real checksums)."""
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import cifar_twinflow
+
+
+def write_cifar(root, per_batch=8, n_test=8, seed=0):
+    """cifar-10-batches-py/ with five training batches, a test batch and the metadata."""
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder, exist_ok=True)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        n = n_test if name == "test_batch" else per_batch
+        entry = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": [i % 10 for i in range(n)]}
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(entry, f)
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
+    return root
+
+
+@pytest.fixture
+def data_root(tmp_path_factory, monkeypatch):
+    monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda *args, **kwargs: True)
+    return write_cifar(str(tmp_path_factory.mktemp("cifar")))
+
+
+def tiny(data_root, out, *extra):
+    return ["--data-root", data_root, "--no-download", "--out", str(out), "--channels", "32", "--mult", "1,2",
+            "--blocks", "1", "--attn-res", "16", "--batch", "8", "--train-steps", "3", "--many-steps", "3",
+            "--device", "cpu", *extra]
+
+
+def test_loader_reads_the_pickle_layout_and_flips(data_root):
+    images, labels = cifar_twinflow.load_cifar(data_root, train=True, download=False)
+    assert images.shape == (40, 3, 32, 32) and images.dtype == torch.uint8 and len(labels) == 40
+    x = cifar_twinflow.to_model_range(images)
+    assert x.min() >= -1 and x.max() <= 1
+    torch.manual_seed(0)
+    flipped = cifar_twinflow.to_model_range(images, flip=True)
+    same = [torch.equal(a, b) for a, b in zip(flipped, x)]
+    mirrored = [torch.equal(a, b.flip(2)) for a, b in zip(flipped, x)]
+    assert all(s or m for s, m in zip(same, mirrored)) and 0 < sum(mirrored) < 40
+
+
+def test_missing_data_is_a_one_line_error(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        cifar_twinflow.main(tiny(str(tmp_path / "empty"), tmp_path / "o"))
+    assert str(e.value).startswith("error: --data-root") and "\n" not in str(e.value)
+
+
+def test_bad_flags_are_refused(data_root, tmp_path):
+    for flags in (["--kappa", "0.5"], ["--channels", "20"], ["--mult", "1,x"], ["--fid"], ["--batch", "2"]):
+        with pytest.raises(SystemExit) as e:
+            cifar_twinflow.main(tiny(data_root, tmp_path / "o") + flags)
+        assert e.value.code == 2, flags
+
+
+def test_the_unet_keeps_shapes_and_sees_the_sign_of_t():
+    torch.manual_seed(0)
+    for mult, attn in (((1, 2, 2, 2), (16,)), ((1, 2), ())):
+        model = cifar_twinflow.UNet(32, mult, 1, attn, 0.0, num_classes=10)
+        for p in model.parameters():  # the zero-initialised convs would hide the time input
+            nn.init.normal_(p, std=0.05)
+        x, t, y = torch.randn(2, 3, 32, 32), torch.rand(2), torch.arange(2)
+        assert model(x, t, t, y).shape == x.shape
+        assert not torch.allclose(model(x, t, t, y), model(x, -t, -t, y))
+
+
+@pytest.mark.parametrize("flags", [[], ["--class-cond", "--kappa", "0.5"]], ids=["uncond", "cond-kappa"])
+def test_training_writes_checkpoint_grids_and_record(data_root, tmp_path, flags):
+    out = tmp_path / "run"
+    result = cifar_twinflow.main(tiny(data_root, out, *flags))
+    for name in ["checkpoint.pt", "grids.png", "grid_nfe1.png", "grid_nfe3.png", "losses.png", "train.json"]:
+        assert (out / name).stat().st_size > 0, name
+    record = json.loads((out / "train.json").read_text())
+    assert record["global_batch"] == 8 and record["steps"] == 3 and result["parameters"] > 0
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(data_root, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    cifar_twinflow.main(tiny(data_root, straight, "--log-every", "1", "--train-steps", "4"))
+    cifar_twinflow.main(tiny(data_root, resumed, "--log-every", "1", "--train-steps", "2"))
+    cifar_twinflow.main(tiny(data_root, resumed, "--log-every", "1", "--train-steps", "4", "--resume"))
+    logs = [torch.load(d / "checkpoint.pt", weights_only=False)["logs"] for d in (straight, resumed)]
+    assert [row["step"] for row in logs[1]] == [0, 1, 2, 3] and logs[0] == logs[1]
+    with pytest.raises(SystemExit, match="trained with --mult"):
+        cifar_twinflow.main(tiny(data_root, resumed, "--mult", "1,2,2", "--resume"))
+
+
+def test_corrupt_checkpoint_is_a_clear_error(data_root, tmp_path):
+    (tmp_path / "bad.pt").write_bytes(b"\x00" * 10)
+    with pytest.raises(SystemExit, match="not a readable checkpoint"):
+        cifar_twinflow.main(tiny(data_root, tmp_path / "o", "--sample", "--ckpt", str(tmp_path / "bad.pt")))
+
+
+class TinyFeatures(nn.Module):
+    """A stand-in for Inception (no weights can be downloaded here): 16 fixed random features."""
+    num_features = 16
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.AvgPool2d(4), nn.Flatten(), nn.Linear(3 * 8 * 8, 16))
+
+    def forward(self, x):
+        return self.net(x.float())
+
+
+def test_fid_code_path_with_a_stand_in_feature_extractor(data_root, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    cifar_twinflow.main(tiny(data_root, out))
+    monkeypatch.setattr(cifar_twinflow, "fid_features", TinyFeatures)
+    result = cifar_twinflow.main(tiny(data_root, tmp_path / "fid", "--fid", "--ckpt", str(out / "checkpoint.pt"),
+                                      "--nfe", "2", "--num-fid", "24"))
+    saved = json.loads((tmp_path / "fid" / "fid.json").read_text())
+    assert saved == result and np.isfinite(saved["fid"]) and saved["fid"] > 0
+    assert saved["nfe"] == 2 and saved["num_samples"] == 24 and saved["weights"] == "EMA"
