@@ -2,7 +2,8 @@
 
     python benchmarks/step_cost.py                       # a small conv net on 32×32 images
     python benchmarks/step_cost.py --model mlp --batch 512   # the toy_2d.py MLP
-    python benchmarks/step_cost.py --device cuda --bf16  # where a GPU is available
+    python benchmarks/step_cost.py --model unet --batch 32   # cifar_twinflow.py's UNet (--unet-preset cpu|gpu)
+    python benchmarks/step_cost.py --device cuda --bf16 --compile --model unet --unet-preset gpu --batch 128
 
 A step is everything a training loop does: loss (with its no-grad EMA/target passes), backward,
 optimizer step, EMA update. Time: the median of --steps timed steps after --warmup ones.
@@ -24,10 +25,13 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import training_loss, update_ema  # noqa: E402
+import cifar_twinflow  # noqa: E402  (its UNet)
 from toy_2d import MLP, pick_device  # noqa: E402  (the toy's MLP and device choice)
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--model", default="conv", choices=["conv", "mlp"])
+parser.add_argument("--model", default="conv", choices=["conv", "mlp", "unet"])
+parser.add_argument("--unet-preset", default="cpu", choices=["cpu", "gpu"], help="size of the CIFAR UNet")
+parser.add_argument("--compile", action="store_true", help="torch.compile the model being trained")
 parser.add_argument("--batch", type=int, default=64)
 parser.add_argument("--width", type=int, default=64, help="channels (conv) or hidden units (mlp)")
 parser.add_argument("--steps", type=int, default=10)
@@ -69,6 +73,12 @@ def build(args, device):
         x = torch.randn(args.batch, 3, 32, 32, device=device)
         y = torch.randint(0, 10, (args.batch,), device=device)
         cond, null_cond = {"y": y}, {"y": torch.full_like(y, 10)}
+    elif args.model == "unet":  # class-conditional, so the enhanced target can be measured too
+        config = vars(cifar_twinflow.parse_args(["--preset", args.unet_preset, "--class-cond"]))
+        model = cifar_twinflow.build_model(config).to(device)
+        x = torch.randn(args.batch, 3, 32, 32, device=device)
+        y = torch.randint(0, 10, (args.batch,), device=device)
+        cond, null_cond = {"y": y}, {"y": torch.full_like(y, 10)}
     else:
         model = MLP(args.width).to(device)
         x, cond, null_cond = torch.randn(args.batch, 2, device=device), {}, None
@@ -81,6 +91,7 @@ def measure(args, device, method, split, kappa):
         return None
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    net = torch.compile(model) if args.compile else model
     saved = {}
 
     def pack(tensor):  # count each storage autograd keeps for backward once
@@ -91,9 +102,9 @@ def measure(args, device, method, split, kappa):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             if count_memory:
                 with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                    loss, _ = training_loss(model, ema, x, method, cond, null_cond, kappa, split=split)
+                    loss, _ = training_loss(net, ema, x, method, cond, null_cond, kappa, split=split)
             else:
-                loss, _ = training_loss(model, ema, x, method, cond, null_cond, kappa, split=split)
+                loss, _ = training_loss(net, ema, x, method, cond, null_cond, kappa, split=split)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -130,8 +141,9 @@ def main(argv=None):
     device = pick_device(args.device)
     rows = [("flow", True, 0.0), ("rcgm", True, 0.0), ("twinflow", True, 0.0), ("twinflow", False, 0.0),
             ("flow", True, 0.5), ("twinflow", True, 0.5)]
-    print(f"device {device}, model {args.model} (width {args.width}), batch {args.batch}, "
-          f"bf16 {args.bf16}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    size = f"preset {args.unet_preset}" if args.model == "unet" else f"width {args.width}"
+    print(f"device {device}, model {args.model} ({size}), batch {args.batch}, "
+          f"bf16 {args.bf16}, compile {args.compile}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     results = {}
     for method, split, kappa in rows:
         r = measure(args, device, method, split, kappa)

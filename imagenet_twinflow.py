@@ -1,0 +1,507 @@
+"""TwinFlow on ImageNet 256: class-conditional one-step generation in a VAE's latent space, multi-GPU.
+
+The skeleton of cifar_twinflow.py; what changes at this scale: the data are VAE latents extracted
+once (stage 1), the network is a DiT/SiT-style transformer whose `tt` embedder starts as a copy of
+its `t` embedder, guidance comes from the enhanced target (κ), and FID needs decoding.
+
+    # 1. encode an ImageFolder to latent shards (resumable; one shard per rank at a time)
+    torchrun --nproc_per_node 8 imagenet_twinflow.py --extract --image-dir /data/imagenet/train --latents /data/in256_latents
+    # 2. train on the latents (--batch is global; B/2 by default, --model XL/2 for the paper-scale one)
+    torchrun --nproc_per_node 8 imagenet_twinflow.py --latents /data/in256_latents --compile
+    # 3. look, and measure
+    python imagenet_twinflow.py --sample --ckpt out/imagenet_twinflow/checkpoint.pt --latents /data/in256_latents
+    torchrun --nproc_per_node 8 imagenet_twinflow.py --fid --ckpt out/imagenet_twinflow/checkpoint.pt \\
+        --latents /data/in256_latents --fid-ref VIRTUAL_imagenet256_labeled.npz --nfe 1
+
+--extract: center crop to --resolution (resize the short side, then crop, as ADM/DiT do), optional
+flipped copies, AutoencoderKL from diffusers (--vae: a hub id or a local folder), latents sampled from
+the posterior and multiplied by the VAE's scaling factor, written as shard_NNNNN.pt files of
+{"latents": float16 (n, C, h, w), "labels": (n,)} plus meta.json (VAE, scaling factor, classes).
+Training writes checkpoint.pt (atomic, with EMA, optimizer, step, RNG) and train.json; --sample writes
+grid_nfe*.png (rows: --classes); --fid writes fid.json (protocol: README, and the fid() docstring).
+"""
+import argparse
+import copy
+import glob
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchmetrics
+import torchvision
+from torch.nn.parallel import DistributedDataParallel
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchvision.utils import make_grid, save_image
+from tqdm import tqdm
+
+from common import sample, training_loss, update_ema
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+MODELS = {  # DiT / SiT sizes: (depth, hidden size, heads); patch size 2
+    "S/2": (12, 384, 6), "B/2": (12, 768, 12), "L/2": (24, 1024, 16), "XL/2": (28, 1152, 16)}
+METHODS = ("flow", "rcgm", "twinflow")
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--extract", action="store_true", help="stage 1: encode --image-dir to --latents")
+parser.add_argument("--image-dir", help="an ImageFolder (one sub-folder per class)")
+parser.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="hub id or local diffusers folder")
+parser.add_argument("--resolution", type=int, default=256)
+parser.add_argument("--flip-copies", action="store_true", help="also encode each image mirrored")
+parser.add_argument("--shard-size", type=int, default=10_000, help="images per shard")
+parser.add_argument("--workers", type=int, default=4, help="data-loading processes for --extract")
+parser.add_argument("--latents", required=True, help="folder of latent shards (written by --extract)")
+parser.add_argument("--method", default="twinflow", choices=METHODS)
+parser.add_argument("--model", default="B/2", choices=MODELS)
+parser.add_argument("--depth", type=int, help="override the model's depth (tests use tiny models)")
+parser.add_argument("--hidden", type=int, help="override the hidden size")
+parser.add_argument("--heads", type=int, help="override the number of heads")
+parser.add_argument("--train-steps", type=int, default=400_000)
+parser.add_argument("--batch", type=int, default=256, help="global batch (split across DDP ranks)")
+parser.add_argument("--lr", type=float, default=1e-4)
+parser.add_argument("--ema", type=float, default=0.9999)
+parser.add_argument("--kappa", type=float, default=0.5, help="enhanced-target guidance κ (0: off)")
+parser.add_argument("--order", type=int, default=2, help="N of the RCGM consistency target")
+parser.add_argument("--label-dropout", type=float, default=0.1, help="share of labels replaced by the null class")
+parser.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
+parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
+parser.add_argument("--compile", action="store_true", help="torch.compile the training model")
+parser.add_argument("--out", default=None, help="default: out/imagenet_{method}")
+parser.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+parser.add_argument("--ckpt-every", type=int, default=10_000)
+parser.add_argument("--log-every", type=int, default=100)
+parser.add_argument("--sample", action="store_true", help="decode grids from --ckpt")
+parser.add_argument("--classes", default="207,360,387,974,88,979,417,279", help="--sample: one grid row each")
+parser.add_argument("--per-class", type=int, default=8, help="--sample: images per class")
+parser.add_argument("--many-steps", type=int, default=32, help="NFE of the 'many steps' grid")
+parser.add_argument("--fid", action="store_true", help="FID of --ckpt's EMA at --nfe against --fid-ref")
+parser.add_argument("--fid-ref", help="reference images: an .npz whose arr_0 is (N, H, W, 3) uint8 (ADM format)")
+parser.add_argument("--ckpt", help="checkpoint for --sample / --fid")
+parser.add_argument("--nfe", type=int, default=1, help="--fid: NFE of the samples")
+parser.add_argument("--num-fid", type=int, default=50_000, help="--fid: how many samples")
+parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+
+
+def parse_args(argv=None):
+    args = parser.parse_args(argv)
+    args.out = args.out or f"out/imagenet_{args.method}"
+    depth, hidden, heads = MODELS[args.model]
+    args.depth, args.hidden, args.heads = args.depth or depth, args.hidden or hidden, args.heads or heads
+    if args.hidden % args.heads or (args.hidden // args.heads) % 2:
+        parser.error(f"--hidden {args.hidden} must split into --heads {args.heads} heads of even size")
+    if args.extract and not args.image_dir:
+        parser.error("--extract needs --image-dir")
+    if (args.sample or args.fid) and not args.ckpt:
+        parser.error("--sample and --fid need --ckpt PATH")
+    if args.fid and not args.fid_ref:
+        parser.error("--fid needs --fid-ref (e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")
+    for name in ("train_steps", "batch", "num_fid", "nfe", "many_steps", "ckpt_every", "log_every", "per_class",
+                 "shard_size", "resolution"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    return args
+
+
+def pick_device(name, local_rank=0):
+    if name != "auto":
+        available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+        if not available.get(name.split(":")[0], False):
+            raise SystemExit(f"error: --device {name}: not available here (try auto, cpu, cuda or mps)")
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def setup_distributed(args):
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; plain `python` runs one process. → (rank, world, device)"""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1, pick_device(args.device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    device = pick_device(args.device, local_rank)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 1: images → VAE latents, in shards
+# ----------------------------------------------------------------------------------------------
+def load_vae(name, device):
+    from diffusers import AutoencoderKL  # only the stages that touch pixels need diffusers
+
+    try:
+        vae = AutoencoderKL.from_pretrained(name)
+    except Exception as e:  # offline, a typo, or not a diffusers folder
+        raise SystemExit(f"error: --vae {name}: cannot load an AutoencoderKL ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0]})")
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def center_crop(resolution):
+    """Resize the short side to `resolution`, crop the centre, scale to [−1, 1] (ADM / DiT)."""
+    return torchvision.transforms.Compose([
+        torchvision.transforms.Resize(resolution, interpolation=torchvision.transforms.InterpolationMode.BICUBIC),
+        torchvision.transforms.CenterCrop(resolution), torchvision.transforms.ToTensor(),
+        torchvision.transforms.Normalize([0.5] * 3, [0.5] * 3)])
+
+
+@torch.no_grad()
+def extract(args, rank, world, device):
+    if not os.path.isdir(args.image_dir):
+        raise SystemExit(f"error: --image-dir {args.image_dir}: no such folder")
+    try:
+        dataset = torchvision.datasets.ImageFolder(args.image_dir, transform=center_crop(args.resolution))
+    except (FileNotFoundError, RuntimeError) as e:
+        raise SystemExit(f"error: --image-dir {args.image_dir}: not an ImageFolder ({e})")
+    vae = load_vae(args.vae, device)
+    os.makedirs(args.latents, exist_ok=True)
+    shards = range(math.ceil(len(dataset) / args.shard_size))
+    todo = [k for k in shards if k % world == rank
+            and not os.path.exists(os.path.join(args.latents, f"shard_{k:05d}.pt"))]  # resumable
+    for k in tqdm(todo, desc=f"rank {rank} shards", disable=rank != 0):
+        part = torch.utils.data.Subset(dataset, range(k * args.shard_size, min((k + 1) * args.shard_size, len(dataset))))
+        latents, labels = [], []
+        for x, y in torch.utils.data.DataLoader(part, batch_size=64, num_workers=args.workers):
+            views = [x, x.flip(3)] if args.flip_copies else [x]
+            for view in views:
+                posterior = vae.encode(view.to(device)).latent_dist
+                latents.append((posterior.sample() * vae.config.scaling_factor).half().cpu())
+                labels.append(y)
+        path = os.path.join(args.latents, f"shard_{k:05d}.pt")
+        torch.save({"latents": torch.cat(latents), "labels": torch.cat(labels)}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    if world > 1:
+        dist.barrier()  # every rank's shards are on disk
+    if rank == 0:
+        meta = {"vae": args.vae, "scaling_factor": vae.config.scaling_factor, "resolution": args.resolution,
+                "num_classes": len(dataset.classes), "classes": dataset.classes, "images": len(dataset),
+                "flip_copies": args.flip_copies, "shards": len(shards)}
+        with open(os.path.join(args.latents, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+        print(f"wrote {len(shards)} shards of latents for {len(dataset)} images to {args.latents}")
+
+
+def load_latents(folder):
+    """All shards, in order → (latents float16 (N, C, h, w), labels (N,), meta)."""
+    meta_path = os.path.join(folder, "meta.json")
+    if not os.path.isfile(meta_path):
+        raise SystemExit(f"error: --latents {folder}: no meta.json; run --extract first")
+    meta = json.load(open(meta_path))
+    paths = sorted(glob.glob(os.path.join(folder, "shard_*.pt")))
+    if len(paths) != meta["shards"]:
+        raise SystemExit(f"error: --latents {folder}: {len(paths)} of {meta['shards']} shards; finish --extract")
+    shards = [torch.load(p) for p in paths]
+    return torch.cat([s["latents"] for s in shards]), torch.cat([s["labels"] for s in shards]), meta
+
+
+# ----------------------------------------------------------------------------------------------
+# Model: a DiT/SiT-style transformer, F(x_t, t, tt, y) → a velocity
+# ----------------------------------------------------------------------------------------------
+def sincos_2d(dim, size):
+    """Fixed 2D sine-cosine position embedding, (size², dim)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4) / (dim // 4))
+    ys, xs = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    angles = [c.flatten()[:, None] * omega for c in (ys, xs)]
+    return torch.cat([torch.cat([a.sin(), a.cos()], 1) for a in angles], 1)
+
+
+class TimestepEmbedder(nn.Module):
+    """t → [cos(1000·t·ω), sin(1000·t·ω)] → MLP. sin is odd: the SIGN of t (real or fake) survives."""
+
+    def __init__(self, hidden, frequencies=256):
+        super().__init__()
+        self.register_buffer("omega", torch.exp(-math.log(10000) * torch.arange(frequencies // 2) / (frequencies // 2)))
+        self.mlp = nn.Sequential(nn.Linear(frequencies, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t):
+        angles = 1000 * t[:, None].float() * self.omega
+        return self.mlp(torch.cat([angles.cos(), angles.sin()], 1))
+
+
+class Block(nn.Module):
+    """Pre-norm attention + MLP, both modulated by the conditioning c (adaLN-Zero: starts as identity)."""
+
+    def __init__(self, hidden, heads):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.qkv, self.proj = nn.Linear(hidden, 3 * hidden), nn.Linear(hidden, hidden)
+        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.GELU(approximate="tanh"), nn.Linear(4 * hidden, hidden))
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+        nn.init.zeros_(self.modulation[1].weight), nn.init.zeros_(self.modulation[1].bias)
+
+    def attention(self, x):
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, D))
+
+    def forward(self, x, c):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c)[:, None].chunk(6, -1)
+        x = x + gate1 * self.attention(self.norm1(x) * (1 + scale1) + shift1)
+        return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
+
+
+class DiT(nn.Module):
+    """Patchify (2×2) → blocks → unpatchify. Conditioning c = emb_t(t) + emb_tt(tt)·(t − tt) + emb(y):
+    emb_tt starts as a copy of emb_t and is scaled by the jump length, so at tt = t the network is
+    exactly a flow model and a pretrained DiT/SiT checkpoint can be the starting point."""
+
+    def __init__(self, depth=12, hidden=768, heads=12, channels=4, size=32, patch=2, num_classes=1000):
+        super().__init__()
+        self.channels, self.patch, self.size, self.null_class = channels, patch, size, num_classes
+        self.embed = nn.Conv2d(channels, hidden, patch, stride=patch)
+        self.register_buffer("position", sincos_2d(hidden, size // patch)[None])
+        self.t_embedder, self.tt_embedder = TimestepEmbedder(hidden), TimestepEmbedder(hidden)
+        self.tt_embedder.load_state_dict(self.t_embedder.state_dict())  # the authors' initialisation
+        self.label = nn.Embedding(num_classes + 1, hidden)  # class `num_classes` is the null class
+        nn.init.normal_(self.label.weight, std=0.02)
+        self.blocks = nn.ModuleList(Block(hidden, heads) for _ in range(depth))
+        self.final_norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+        self.final = nn.Linear(hidden, patch * patch * channels)
+        for layer in (self.final_modulation[1], self.final):
+            nn.init.zeros_(layer.weight), nn.init.zeros_(layer.bias)
+
+    def forward(self, x_t, t, tt, y):
+        c = self.t_embedder(t) + self.tt_embedder(tt) * (t - tt)[:, None] + self.label(y)
+        h = self.embed(x_t).flatten(2).transpose(1, 2) + self.position
+        for block in self.blocks:
+            h = block(h, c)
+        shift, scale = self.final_modulation(c)[:, None].chunk(2, -1)
+        h = self.final(self.final_norm(h) * (1 + scale) + shift)  # (B, L, p·p·C)
+        n, p = self.size // self.patch, self.patch
+        h = h.reshape(-1, n, n, p, p, self.channels).permute(0, 5, 1, 3, 2, 4)
+        return h.reshape(-1, self.channels, self.size, self.size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: atomic (write, then rename), with everything an exact resume needs
+# ----------------------------------------------------------------------------------------------
+def save_checkpoint(path, model, ema, opt, step, logs, args, meta):
+    state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
+             "logs": logs, "config": {k: v for k, v in vars(args).items()}, "meta": meta,
+             "rng": {"cpu": torch.get_rng_state(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)  # a crash mid-write leaves the previous checkpoint intact
+
+
+def load_checkpoint(path, flag):
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {flag} {path}: no such checkpoint")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        missing = {"model", "ema", "opt", "step", "logs", "config", "rng", "meta"} - set(state)
+    except Exception as e:
+        raise SystemExit(f"error: {flag} {path}: not a readable checkpoint ({type(e).__name__}: {e})")
+    if missing:
+        raise SystemExit(f"error: {flag} {path}: not a checkpoint of this script (missing {sorted(missing)})")
+    return state
+
+
+ARCHITECTURE = ("depth", "hidden", "heads")
+
+
+def build_model(config, meta):
+    latent = meta["resolution"] // meta["downsample"]
+    return DiT(config["depth"], config["hidden"], config["heads"], meta["latent_channels"], latent,
+               num_classes=meta["num_classes"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Train
+# ----------------------------------------------------------------------------------------------
+def train(args, rank, world, device):
+    latents, labels, meta = load_latents(args.latents)
+    meta.update(latent_channels=latents.shape[1], downsample=meta["resolution"] // latents.shape[-1])
+    torch.manual_seed(args.seed)  # the same initial weights on every rank and for every method
+    model = build_model(vars(args), meta).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0)
+    step, logs = 0, []
+    path = os.path.join(args.out, "checkpoint.pt")
+    if args.resume:
+        state = load_checkpoint(path, "--resume")
+        for key in ("method", *ARCHITECTURE):
+            if state["config"][key] != getattr(args, key):
+                raise SystemExit(f"error: --resume {path}: trained with --{key} {state['config'][key]}, "
+                                 f"not {getattr(args, key)}")
+        model.load_state_dict(state["model"]), ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        step, logs = state["step"], state["logs"]
+        torch.set_rng_state(state["rng"]["cpu"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    if world > 1:  # each rank draws its own batches; exact resume holds for single-process runs
+        torch.manual_seed(args.seed + 1000 * rank + step)
+    latents, labels = latents.to(device), labels.to(device)
+    net = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    net = torch.compile(net) if args.compile else net
+    per_rank = args.batch // world
+    if rank == 0:
+        print(f"{args.method}: DiT {args.depth}×{args.hidden}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+              f"parameters, {len(latents)} latents, world size {world}, global batch {per_rank * world}, "
+              f"device {device}, from step {step}")
+    null = torch.full((per_rank,), model.null_class, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
+    bar = tqdm(range(step, args.train_steps), desc=args.method, disable=rank != 0, initial=step,
+               total=args.train_steps)
+    try:
+        for step in bar:
+            index = torch.randint(len(latents), (per_rank,), device=device)
+            x = latents[index].float()
+            y = torch.where(torch.rand(per_rank, device=device) < args.label_dropout, null, labels[index])
+            with autocast:  # common.py computes every loss and target in float32
+                loss, terms = training_loss(net, ema, x, method=args.method, cond={"y": y},
+                                            null_cond={"y": null}, kappa=args.kappa, order=args.order)
+            if not torch.isfinite(loss):  # stop; the last checkpoint on disk is still good
+                raise SystemExit(f"error: {args.method}: loss is {loss.item()} at step {step}; "
+                                 f"try a lower --lr, then --resume")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            opt.step()
+            update_ema(ema, model, args.ema, step)
+            if step % args.log_every == 0:
+                logs.append({"step": step, **{k: v.item() for k, v in terms.items()}})
+                bar.set_postfix(loss=f"{logs[-1]['loss']:.3f}", refresh=False)
+            if rank == 0 and (step + 1) % args.ckpt_every == 0:
+                save_checkpoint(path, model, ema, opt, step + 1, logs, args, meta)
+        step = args.train_steps
+    except KeyboardInterrupt:
+        if rank == 0:  # `step` is the step that did not finish: resume redoes it
+            save_checkpoint(path, model, ema, opt, step, logs, args, meta)
+            print(f"\ninterrupted: saved step {step} to {path}; continue with --resume")
+        raise SystemExit(130)
+    if rank == 0:
+        save_checkpoint(path, model, ema, opt, step, logs, args, meta)
+    return ema, logs, meta
+
+
+# ----------------------------------------------------------------------------------------------
+# Sample: latents from the transformer, pixels from the VAE
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def generate(model, vae, meta, method, labels, nfe, many_steps, generator, batch=64):
+    """Images in [0, 1], (N, 3, H, W), class-conditional, in batches."""
+    device = next(model.parameters()).device
+    style = "mul" if method == "flow" or nfe == many_steps else "any"  # as in the other scripts
+    out = []
+    for y in labels.split(batch):
+        z = torch.randn(len(y), model.channels, model.size, model.size, generator=generator).to(device)
+        latents = sample(model, z, steps=nfe, style=style, y=y.to(device))
+        images = vae.decode(latents / meta["scaling_factor"]).sample
+        out.append(((images.float() + 1) / 2).clamp(0, 1).cpu())
+    return torch.cat(out)
+
+
+def write_grids(model, vae, meta, method, args):
+    """grid_nfe{k}.png: one row per class in --classes, --per-class samples each."""
+    classes = [int(c) for c in args.classes.split(",")]
+    if max(classes) >= meta["num_classes"]:
+        raise SystemExit(f"error: --classes {args.classes}: the model has {meta['num_classes']} classes")
+    labels = torch.tensor(classes).repeat_interleave(args.per_class)
+    for nfe in [1, 2, 4, args.many_steps]:
+        images = generate(model, vae, meta, method, labels, nfe, args.many_steps,
+                          torch.Generator().manual_seed(args.seed + 2))
+        save_image(make_grid(images, nrow=args.per_class, pad_value=1), os.path.join(args.out, f"grid_nfe{nfe}.png"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluate: FID against a reference batch the user provides
+# ----------------------------------------------------------------------------------------------
+def fid_features():
+    """2048: torchmetrics' FID Inception-v3 pool features. The tests swap in a tiny stand-in."""
+    return 2048
+
+
+@torch.no_grad()
+def fid(model, vae, meta, method, args, rank, world, device, batch=64):
+    """--num-fid samples from the EMA at --nfe, classes spread evenly over all classes, split across
+    ranks; the reference is every image of --fid-ref (ADM's npz: arr_0 (N, H, W, 3) uint8). Both go
+    to torchmetrics' FID as floats in [0, 1] (normalize=True), which sums the statistics over ranks."""
+    try:
+        reference = np.load(args.fid_ref)["arr_0"]
+        assert reference.ndim == 4 and reference.shape[-1] == 3 and reference.dtype == np.uint8
+    except Exception as e:
+        raise SystemExit(f"error: --fid-ref {args.fid_ref}: expected an .npz with arr_0 (N, H, W, 3) uint8 ({e})")
+    feature = fid_features()
+    metric = FrechetInceptionDistance(feature=feature, normalize=True).to(device)
+    for x in torch.from_numpy(reference[rank::world]).split(batch):
+        metric.update(x.permute(0, 3, 1, 2).to(device).float() / 255, real=True)
+    labels = torch.arange(rank, args.num_fid, world) % meta["num_classes"]  # this rank's share
+    generator = torch.Generator().manual_seed(args.seed + 10_000 * rank)
+    for y in tqdm(labels.split(batch), desc=f"FID {args.nfe} NFE", disable=rank != 0):
+        metric.update(generate(model, vae, meta, method, y, args.nfe, args.many_steps, generator, batch).to(device),
+                      real=False)
+    value = metric.compute().item()
+    return value, f"Inception-v3 pool ({feature})" if feature == 2048 else type(feature).__name__
+
+
+# ----------------------------------------------------------------------------------------------
+# Main: --extract, or train → save, or --sample / --fid a checkpoint
+# ----------------------------------------------------------------------------------------------
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup_distributed(args)
+    try:
+        if args.extract:
+            return extract(args, rank, world, device)
+        if rank == 0:
+            os.makedirs(args.out, exist_ok=True)
+        if args.sample or args.fid:
+            state = load_checkpoint(args.ckpt, "--ckpt")
+            meta = state["meta"]
+            model = build_model(state["config"], meta).to(device)
+            model.load_state_dict(state["ema"])
+            model.eval().requires_grad_(False)
+            vae = load_vae(meta["vae"], device)
+            method, result = state["config"]["method"], None
+            if args.sample and rank == 0:
+                write_grids(model, vae, meta, method, args)
+                print(f"wrote {args.out}/grid_nfe*.png")
+            if args.fid:
+                value, features = fid(model, vae, meta, method, args, rank, world, device)
+                result = {"fid": value, "nfe": args.nfe, "num_samples": args.num_fid, "weights": "EMA",
+                          "reference": args.fid_ref, "features": features,
+                          "library": f"torchmetrics {torchmetrics.__version__}", "checkpoint": args.ckpt,
+                          "step": state["step"], "method": method, "world_size": world}
+                if rank == 0:
+                    with open(os.path.join(args.out, "fid.json"), "w") as f:
+                        json.dump(result, f, indent=2)
+                    print(f"FID {value:.3f} ({args.num_fid} samples, {args.nfe} NFE, EMA) → {args.out}/fid.json")
+            return result
+
+        if args.batch // world < 4:
+            parser.error(f"--batch {args.batch} over {world} rank(s): each needs at least 4 (twinflow splits in 4)")
+        start = time.time()
+        ema, logs, meta = train(args, rank, world, device)
+        if rank != 0:
+            return None
+        result = {"method": args.method, "train_seconds": round(time.time() - start, 1), "steps": args.train_steps,
+                  "world_size": world, "global_batch": args.batch // world * world, "device": str(device),
+                  "parameters": sum(p.numel() for p in ema.parameters()), "latents": meta, "config": vars(args)}
+        with open(os.path.join(args.out, "train.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.out}/ ({result['train_seconds']:.0f} s)")
+        return result
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""imagenet_twinflow.py end to end on CPU, offline: a tiny ImageFolder of generated images, a tiny
+AutoencoderKL saved with save_pretrained and loaded back through from_pretrained, extraction to
+shards, a tiny transformer trained, resumed, sampled and decoded, FID with a stand-in extractor,
+and a 2-process gloo run started with torchrun."""
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before diffusers is imported: hub look-ups fail fast
+
+import json  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import imagenet_twinflow  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """An ImageFolder (2 classes × 3 images, not square) and a tiny VAE (8× fewer pixels: 2×)."""
+    from diffusers import AutoencoderKL
+
+    root = tmp_path_factory.mktemp("imagenet")
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["n01440764", "n01443537"]):
+        os.makedirs(root / "images" / name)
+        for i in range(3):
+            pixels = rng.integers(0, 255, (20, 26, 3), dtype=np.uint8)
+            pixels[:, :, c] = 255  # a class-dependent colour
+            Image.fromarray(pixels).save(root / "images" / name / f"{i}.png")
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                        norm_num_groups=4, sample_size=16)
+    vae.save_pretrained(root / "vae")
+    return root
+
+
+def flags(assets, *extra):
+    return ["--latents", str(assets / "latents"), "--vae", str(assets / "vae"), "--resolution", "16",
+            "--model", "S/2", "--depth", "2", "--hidden", "32", "--heads", "2", "--batch", "8",
+            "--train-steps", "4", "--workers", "0", "--device", "cpu", *extra]
+
+
+@pytest.fixture(scope="module")
+def latents(assets):
+    imagenet_twinflow.main(flags(assets, "--extract", "--image-dir", str(assets / "images"), "--flip-copies",
+                                 "--shard-size", "4"))
+    return assets / "latents"
+
+
+def test_extraction_writes_shards_with_labels_and_resumes(assets, latents):
+    meta = json.loads((latents / "meta.json").read_text())
+    assert meta["images"] == 6 and meta["shards"] == 2 and meta["num_classes"] == 2 and meta["flip_copies"]
+    x, y, _ = imagenet_twinflow.load_latents(str(latents))
+    assert x.shape == (12, 4, 8, 8) and x.dtype == torch.float16  # 6 images + 6 mirrored, 16 px / 2
+    assert sorted(y.tolist()) == [0] * 6 + [1] * 6
+    before = {p: os.path.getmtime(latents / p) for p in ("shard_00000.pt", "shard_00001.pt")}
+    os.remove(latents / "shard_00001.pt")  # as if the run had stopped after the first shard
+    imagenet_twinflow.main(flags(assets, "--extract", "--image-dir", str(assets / "images"), "--flip-copies",
+                                 "--shard-size", "4"))
+    assert os.path.getmtime(latents / "shard_00000.pt") == before["shard_00000.pt"]  # not redone
+    assert imagenet_twinflow.load_latents(str(latents))[0].shape == (12, 4, 8, 8)
+
+
+def test_missing_inputs_are_one_line_errors(assets, tmp_path):
+    cases = [(["--extract", "--image-dir", str(tmp_path / "none")], "--image-dir"),
+             (["--extract", "--image-dir", str(assets / "images"), "--vae", "no-such-org/no-such-vae",
+               "--latents", str(tmp_path / "l")], "--vae no-such-org/no-such-vae: cannot load"),
+             (["--latents", str(tmp_path / "empty")], "no meta.json")]
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as e:
+            imagenet_twinflow.main(flags(assets, "--out", str(tmp_path / "o")) + extra)
+        assert message in str(e.value) and "\n" not in str(e.value), extra
+
+
+def test_bad_flags_are_refused(assets):
+    for extra in (["--fid", "--ckpt", "x.pt"], ["--hidden", "30", "--heads", "4"], ["--sample"], ["--extract"]):
+        with pytest.raises(SystemExit) as e:
+            imagenet_twinflow.main(flags(assets) + extra)
+        assert e.value.code == 2, extra
+
+
+def test_the_tt_embedder_starts_as_the_t_embedder_and_the_sign_reaches_the_model():
+    torch.manual_seed(0)
+    model = imagenet_twinflow.DiT(depth=2, hidden=32, heads=2, channels=4, size=8, num_classes=2)
+    for a, b in zip(model.t_embedder.parameters(), model.tt_embedder.parameters()):
+        assert torch.equal(a, b)
+    for p in model.parameters():  # adaLN-Zero starts every block as identity: perturb to see inputs
+        nn.init.normal_(p, std=0.05)
+    x, t, y = torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([0, 1, 2])
+    out = model(x, t, t, y)
+    assert out.shape == x.shape and not torch.allclose(out, model(x, -t, -t, y))
+    assert not torch.allclose(out, model(x, t, t * 0.5, y))  # the target time matters for a jump
+
+
+class TinyFeatures(nn.Module):
+    """A stand-in for Inception (no weights can be downloaded here)."""
+    num_features = 8
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, 8))
+
+    def forward(self, x):
+        return self.net(x.float())
+
+
+def test_train_resume_sample_and_fid(assets, latents, tmp_path, monkeypatch):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    imagenet_twinflow.main(flags(assets, "--out", str(straight), "--log-every", "1"))
+    imagenet_twinflow.main(flags(assets, "--out", str(resumed), "--log-every", "1", "--train-steps", "2"))
+    record = imagenet_twinflow.main(flags(assets, "--out", str(resumed), "--log-every", "1", "--resume"))
+    logs = [torch.load(d / "checkpoint.pt", weights_only=False)["logs"] for d in (straight, resumed)]
+    assert [row["step"] for row in logs[1]] == [0, 1, 2, 3] and logs[0] == logs[1]
+    assert record["global_batch"] == 8 and record["latents"]["downsample"] == 2
+
+    ckpt = str(resumed / "checkpoint.pt")
+    imagenet_twinflow.main(flags(assets, "--out", str(tmp_path / "s"), "--sample", "--ckpt", ckpt,
+                                 "--classes", "0,1", "--per-class", "3", "--many-steps", "3"))
+    for nfe in (1, 2, 4, 3):
+        assert (tmp_path / "s" / f"grid_nfe{nfe}.png").stat().st_size > 0
+
+    np.savez(tmp_path / "ref.npz", arr_0=np.random.default_rng(0).integers(0, 255, (20, 16, 16, 3), dtype=np.uint8))
+    monkeypatch.setattr(imagenet_twinflow, "fid_features", TinyFeatures)
+    result = imagenet_twinflow.main(flags(assets, "--out", str(tmp_path / "f"), "--fid", "--ckpt", ckpt,
+                                          "--fid-ref", str(tmp_path / "ref.npz"), "--num-fid", "12", "--nfe", "2"))
+    assert np.isfinite(result["fid"]) and result["num_samples"] == 12
+    assert json.loads((tmp_path / "f" / "fid.json").read_text()) == result
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_extract_and_train(assets, tmp_path):
+    out, lat = tmp_path / "ddp", tmp_path / "latents"
+    base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    for extra in (["--extract", "--image-dir", str(assets / "images"), "--shard-size", "2"], ["--out", str(out)]):
+        command = [*base, "--master_port", str(free_port()), os.path.join(ROOT, "imagenet_twinflow.py"),
+                   *flags(assets, "--latents", str(lat), "--train-steps", "2"), *extra]
+        run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+        assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads((lat / "meta.json").read_text())["shards"] == 3  # ranks 0 and 1 shared them
+    assert "world size 2, global batch 8" in run.stdout
+    assert json.loads((out / "train.json").read_text())["world_size"] == 2
