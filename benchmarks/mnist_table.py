@@ -15,12 +15,12 @@ def table(run_dirs):
     lines = ["| method | train time | " + " | ".join(f"{n} NFE acc / FD" for n in nfes) + " | FD 1 NFE ÷ FD many |",
              "|---|---|" + "---|" * len(nfes) + "---|"]
     for run in runs:
-        cells = [f"{run[k]['accuracy']:.1%} / {run[k]['fd']:.2f}" for k in columns]
+        cells = [f"{run[k]['accuracy']:.2%} / {run[k]['fd']:.1f}" for k in columns]
         ratio = run[columns[0]]["fd"] / run[columns[-1]]["fd"]
         minutes = run.get("train_seconds", float("nan")) / 60
         lines.append(f"| {run['method']} | {minutes:.1f} min | " + " | ".join(cells) + f" | {ratio:.2f}× |")
     data = runs[0]["data"]
-    lines.append(f"| *real digits* | | {data['accuracy']:.1%} / {data['fd']:.2f} (the floor) |" + " |" * len(nfes))
+    lines.append(f"| *real digits* | | {data['accuracy']:.2%} / {data['fd']:.1f} (the floor) |" + " |" * len(nfes))
     return "\n".join(lines)
 
 

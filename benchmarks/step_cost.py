@@ -3,6 +3,7 @@
     python benchmarks/step_cost.py                       # a small conv net on 32×32 images
     python benchmarks/step_cost.py --model mlp --batch 512   # the toy_2d.py MLP
     python benchmarks/step_cost.py --model unet --batch 32   # cifar_twinflow.py's UNet (--unet-preset cpu|gpu)
+    python benchmarks/step_cost.py --model dit --dit S/2 --batch 16   # imagenet_twinflow.py's transformer
     python benchmarks/step_cost.py --device cuda --bf16 --compile --model unet --unet-preset gpu --batch 128
 
 A step is everything a training loop does: loss (with its no-grad EMA/target passes), backward,
@@ -26,11 +27,14 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import training_loss, update_ema  # noqa: E402
 import cifar_twinflow  # noqa: E402  (its UNet)
+import imagenet_twinflow  # noqa: E402  (its transformer)
 from toy_2d import MLP, pick_device  # noqa: E402  (the toy's MLP and device choice)
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--model", default="conv", choices=["conv", "mlp", "unet"])
+parser.add_argument("--model", default="conv", choices=["conv", "mlp", "unet", "dit"])
 parser.add_argument("--unet-preset", default="cpu", choices=["cpu", "gpu"], help="size of the CIFAR UNet")
+parser.add_argument("--dit", default="S/2", choices=["S/2", "B/2", "L/2", "XL/2"],
+                    help="size of imagenet_twinflow.py's transformer, on 4×32×32 latents (256 px)")
 parser.add_argument("--compile", action="store_true", help="torch.compile the model being trained")
 parser.add_argument("--batch", type=int, default=64)
 parser.add_argument("--width", type=int, default=64, help="channels (conv) or hidden units (mlp)")
@@ -79,6 +83,12 @@ def build(args, device):
         x = torch.randn(args.batch, 3, 32, 32, device=device)
         y = torch.randint(0, 10, (args.batch,), device=device)
         cond, null_cond = {"y": y}, {"y": torch.full_like(y, 10)}
+    elif args.model == "dit":
+        depth, hidden, heads = imagenet_twinflow.MODELS[args.dit]
+        model = imagenet_twinflow.DiT(depth, hidden, heads, channels=4, size=32, num_classes=1000).to(device)
+        x = torch.randn(args.batch, 4, 32, 32, device=device)
+        y = torch.randint(0, 1000, (args.batch,), device=device)
+        cond, null_cond = {"y": y}, {"y": torch.full_like(y, 1000)}
     else:
         model = MLP(args.width).to(device)
         x, cond, null_cond = torch.randn(args.batch, 2, device=device), {}, None
@@ -141,7 +151,7 @@ def main(argv=None):
     device = pick_device(args.device)
     rows = [("flow", True, 0.0), ("rcgm", True, 0.0), ("twinflow", True, 0.0), ("twinflow", False, 0.0),
             ("flow", True, 0.5), ("twinflow", True, 0.5)]
-    size = f"preset {args.unet_preset}" if args.model == "unet" else f"width {args.width}"
+    size = {"unet": f"preset {args.unet_preset}", "dit": args.dit}.get(args.model, f"width {args.width}")
     print(f"device {device}, model {args.model} ({size}), batch {args.batch}, "
           f"bf16 {args.bf16}, compile {args.compile}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     results = {}

@@ -10,8 +10,9 @@ step_cost = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(step_cost)
 
 
-@pytest.mark.parametrize("model,rows", [("conv", 6), ("mlp", 4), ("unet", 6)])  # the MLP has no classes: no κ rows
-def test_step_cost_measures_every_row(model, rows):
+@pytest.mark.parametrize("model,rows", [("conv", 6), ("mlp", 4), ("unet", 6), ("dit", 6)])  # the MLP has no classes: no κ rows
+def test_step_cost_measures_every_row(model, rows, monkeypatch):
+    monkeypatch.setitem(step_cost.imagenet_twinflow.MODELS, "S/2", (1, 32, 2))  # a 1-block DiT, for speed
     results = step_cost.main(["--model", model, "--batch", "8", "--width", "8", "--steps", "1",
                               "--warmup", "0", "--device", "cpu"])
     assert len(results) == rows
