@@ -4,7 +4,7 @@ The same skeleton as toy_2d.py (config → data → model → loss from common.p
 evaluate → save), with what images add: a small UNet, class labels with a null class, the
 enhanced target (training-time guidance, κ), checkpoints, and an offline quality metric.
 
-    python mnist_twinflow.py --data-root ../shared/data                 # cpu preset: twinflow, ~15 min on 2 cores
+    python mnist_twinflow.py --data-root ../shared/data                 # cpu preset: twinflow, 17 + 5 min on 2 cores
     python mnist_twinflow.py --data-root ../shared/data --method flow   # the ablations: flow | rcgm | twinflow
     python mnist_twinflow.py --preset gpu                               # the public tutorial's scale (downloads MNIST)
     python mnist_twinflow.py --resume --out out/mnist_twinflow          # continue exactly where it stopped (Ctrl-C saves)
@@ -50,7 +50,7 @@ from common import sample, training_loss, update_ema
 # Config: a preset fills the defaults, any flag overrides it
 # ----------------------------------------------------------------------------------------------
 PRESETS = {
-    # sized so that 2 CPU cores reach recognisable 1-NFE digits in ≤ 20 minutes (see README)
+    # 2 CPU cores: 17 min of training to 98.6 % class accuracy at 1 NFE (README, "MNIST")
     "cpu": dict(train_steps=2500, batch=64, lr=1e-3, channels="16,32,64"),
     # the authors' MNIST tutorial: batch 128, 20 epochs (60,000 / 128 · 20 ≈ 9,400 steps), lr 2e-4
     "gpu": dict(train_steps=9400, batch=128, lr=2e-4, channels="64,128,256"),
