@@ -18,14 +18,15 @@ steps, from the EMA), losses.png and train.json (the global batch, time, config)
 FID protocol (--fid): --num-fid samples (default 50,000) from the EMA weights at --nfe, against the
 50,000 CIFAR-10 training images, with torchmetrics' FrechetInceptionDistance (2048-d pool features
 of the FID Inception-v3 weights, which torchmetrics fetches through torch-fidelity on first use).
-Samples and references are passed as floats in [0, 1] (normalize=True: torchmetrics rounds them to
-uint8 as the original TF implementation did). Under torchrun the samples are split across ranks and
+Samples and references are passed as floats in [0, 1] (normalize=True: torchmetrics converts them
+to uint8 as (x·255).byte()). Under torchrun the samples are split across ranks and
 torchmetrics sums the statistics. The result, with every setting above, is written to fid.json.
 """
 import argparse
 import copy
 import json
 import os
+import signal
 import time
 
 import matplotlib
@@ -118,7 +119,7 @@ def pick_device(name, local_rank=0):
         available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
         if not available.get(name.split(":")[0], False):
             raise SystemExit(f"error: --device {name}: not available here (try auto, cpu, cuda or mps)")
-        return torch.device(name)
+        return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)  # a GPU per rank
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank)
     if torch.backends.mps.is_available():
@@ -294,7 +295,8 @@ def save_checkpoint(path, model, ema, opt, step, logs, args):
     state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
              "logs": logs, "config": {k: v for k, v in vars(args).items()},
              "rng": {"cpu": torch.get_rng_state(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                     "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None}}
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)  # a crash mid-write leaves the previous checkpoint intact
 
@@ -342,6 +344,8 @@ def train(args, rank, world, device):
         torch.set_rng_state(state["rng"]["cpu"])
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if state["rng"].get("mps") is not None and torch.backends.mps.is_available():
+            torch.mps.set_rng_state(state["rng"]["mps"])
     if world > 1:  # each rank draws its own batches; exact resume holds for single-process runs
         torch.manual_seed(args.seed + 1000 * rank + step)
     images, labels = load_cifar(args.data_root, train=True, download=not args.no_download)
@@ -356,8 +360,15 @@ def train(args, rank, world, device):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
     bar = tqdm(range(step, args.train_steps), desc=args.method, disable=rank != 0, initial=step,
                total=args.train_steps)
+    interrupted = []  # Ctrl-C finishes the current step, then saves: never half an optimizer update
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
     try:
         for step in bar:
+            stop = torch.tensor(float(bool(interrupted)), device=device)
+            if world > 1:  # every rank stops at the same step
+                dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+            if stop:  # between two steps: no half-applied update, and the RNG state of a step boundary
+                break
             index = torch.randint(len(images), (per_rank,), device=device)
             x, cond, null_cond = to_model_range(images[index], flip=True), {}, None
             if args.class_cond:
@@ -366,8 +377,11 @@ def train(args, rank, world, device):
             with autocast:  # common.py computes every loss and target in float32
                 loss, terms = training_loss(net, ema, x, method=args.method, cond=cond, null_cond=null_cond,
                                             kappa=args.kappa, order=args.order)
-            if not torch.isfinite(loss):  # stop; the last checkpoint on disk is still good
-                raise SystemExit(f"error: {args.method}: loss is {loss.item()} at step {step}; "
+            bad = torch.tensor(float(not torch.isfinite(loss)), device=device)
+            if world > 1:  # decide together, or the other ranks wait forever in backward()
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            if bad:  # stop; the last checkpoint on disk is still good
+                raise SystemExit(f"error: {args.method}: loss is {loss.item()} at step {step} (on some rank); "
                                  f"try a lower --lr, then --resume")
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -379,9 +393,12 @@ def train(args, rank, world, device):
                 bar.set_postfix(loss=f"{logs[-1]['loss']:.3f}", refresh=False)
             if rank == 0 and (step + 1) % args.ckpt_every == 0:
                 save_checkpoint(path, model, ema, opt, step + 1, logs, args)
-        step = args.train_steps
-    except KeyboardInterrupt:
-        if rank == 0:  # `step` is the step that did not finish: resume redoes it
+        else:
+            step = max(step, args.train_steps)  # (a resumed run may already be past --train-steps)
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+    if interrupted and step < args.train_steps:
+        if rank == 0:  # `step` is the first step not taken: resume starts there
             save_checkpoint(path, model, ema, opt, step, logs, args)
             print(f"\ninterrupted: saved step {step} to {path}; continue with --resume")
         raise SystemExit(130)
@@ -433,15 +450,16 @@ def fid_features():
 @torch.no_grad()
 def compute_fid(model, method, args, rank, world, device, batch=250):
     feature = fid_features()
-    fid = FrechetInceptionDistance(feature=feature, normalize=True).to(device)
+    metric_device = torch.device("cpu") if device.type == "mps" else device  # float64 statistics: not on MPS
+    fid = FrechetInceptionDistance(feature=feature, normalize=True).to(metric_device)
     images, _ = load_cifar(args.data_root, train=True, download=not args.no_download)
     for x in images[rank::world].split(batch):  # the reference: all 50,000 training images
-        fid.update((x.to(device).float() / 255), real=True)
+        fid.update((x.to(metric_device).float() / 255), real=True)
     labels = torch.arange(rank, args.num_fid, world) % 10  # this rank's share; classes spread evenly
     generator = torch.Generator().manual_seed(args.seed + 10_000 * rank)
     for y in tqdm(labels.split(batch), desc=f"FID {args.nfe} NFE", disable=rank != 0):
         x = generate(model, method, y, args.nfe, args.many_steps, generator, batch)
-        fid.update(((x + 1) / 2).to(device), real=False)
+        fid.update(((x + 1) / 2).to(metric_device), real=False)
     value = fid.compute().item()  # torchmetrics sums the statistics over ranks first
     return value, f"Inception-v3 pool ({feature})" if feature == 2048 else type(feature).__name__
 

@@ -26,6 +26,7 @@ import glob
 import json
 import math
 import os
+import signal
 import time
 
 import numpy as np
@@ -94,8 +95,8 @@ def parse_args(argv=None):
     args.out = args.out or f"out/imagenet_{args.method}"
     depth, hidden, heads = MODELS[args.model]
     args.depth, args.hidden, args.heads = args.depth or depth, args.hidden or hidden, args.heads or heads
-    if args.hidden % args.heads or (args.hidden // args.heads) % 2:
-        parser.error(f"--hidden {args.hidden} must split into --heads {args.heads} heads of even size")
+    if args.hidden % 4 or args.hidden % args.heads or (args.hidden // args.heads) % 2:
+        parser.error(f"--hidden {args.hidden}: a multiple of 4 that splits into --heads {args.heads} heads of even size")
     if args.extract and not args.image_dir:
         parser.error("--extract needs --image-dir")
     if (args.sample or args.fid) and not args.ckpt:
@@ -114,7 +115,7 @@ def pick_device(name, local_rank=0):
         available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
         if not available.get(name.split(":")[0], False):
             raise SystemExit(f"error: --device {name}: not available here (try auto, cpu, cuda or mps)")
-        return torch.device(name)
+        return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)  # a GPU per rank
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank)
     if torch.backends.mps.is_available():
@@ -294,7 +295,8 @@ def save_checkpoint(path, model, ema, opt, step, logs, args, meta):
     state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
              "logs": logs, "config": {k: v for k, v in vars(args).items()}, "meta": meta,
              "rng": {"cpu": torch.get_rng_state(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                     "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None}}
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)  # a crash mid-write leaves the previous checkpoint intact
 
@@ -345,6 +347,8 @@ def train(args, rank, world, device):
         torch.set_rng_state(state["rng"]["cpu"])
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if state["rng"].get("mps") is not None and torch.backends.mps.is_available():
+            torch.mps.set_rng_state(state["rng"]["mps"])
     if world > 1:  # each rank draws its own batches; exact resume holds for single-process runs
         torch.manual_seed(args.seed + 1000 * rank + step)
     latents, labels = latents.to(device), labels.to(device)
@@ -359,16 +363,26 @@ def train(args, rank, world, device):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
     bar = tqdm(range(step, args.train_steps), desc=args.method, disable=rank != 0, initial=step,
                total=args.train_steps)
+    interrupted = []  # Ctrl-C finishes the current step, then saves: never half an optimizer update
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
     try:
         for step in bar:
+            stop = torch.tensor(float(bool(interrupted)), device=device)
+            if world > 1:  # every rank stops at the same step
+                dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+            if stop:  # between two steps: no half-applied update, and the RNG state of a step boundary
+                break
             index = torch.randint(len(latents), (per_rank,), device=device)
             x = latents[index].float()
             y = torch.where(torch.rand(per_rank, device=device) < args.label_dropout, null, labels[index])
             with autocast:  # common.py computes every loss and target in float32
                 loss, terms = training_loss(net, ema, x, method=args.method, cond={"y": y},
                                             null_cond={"y": null}, kappa=args.kappa, order=args.order)
-            if not torch.isfinite(loss):  # stop; the last checkpoint on disk is still good
-                raise SystemExit(f"error: {args.method}: loss is {loss.item()} at step {step}; "
+            bad = torch.tensor(float(not torch.isfinite(loss)), device=device)
+            if world > 1:  # decide together, or the other ranks wait forever in backward()
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            if bad:  # stop; the last checkpoint on disk is still good
+                raise SystemExit(f"error: {args.method}: loss is {loss.item()} at step {step} (on some rank); "
                                  f"try a lower --lr, then --resume")
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -380,9 +394,12 @@ def train(args, rank, world, device):
                 bar.set_postfix(loss=f"{logs[-1]['loss']:.3f}", refresh=False)
             if rank == 0 and (step + 1) % args.ckpt_every == 0:
                 save_checkpoint(path, model, ema, opt, step + 1, logs, args, meta)
-        step = args.train_steps
-    except KeyboardInterrupt:
-        if rank == 0:  # `step` is the step that did not finish: resume redoes it
+        else:
+            step = max(step, args.train_steps)  # (a resumed run may already be past --train-steps)
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+    if interrupted and step < args.train_steps:
+        if rank == 0:  # `step` is the first step not taken: resume starts there
             save_checkpoint(path, model, ema, opt, step, logs, args, meta)
             print(f"\ninterrupted: saved step {step} to {path}; continue with --resume")
         raise SystemExit(130)
@@ -439,13 +456,14 @@ def fid(model, vae, meta, method, args, rank, world, device, batch=64):
     except Exception as e:
         raise SystemExit(f"error: --fid-ref {args.fid_ref}: expected an .npz with arr_0 (N, H, W, 3) uint8 ({e})")
     feature = fid_features()
-    metric = FrechetInceptionDistance(feature=feature, normalize=True).to(device)
+    metric_device = torch.device("cpu") if device.type == "mps" else device  # float64 statistics: not on MPS
+    metric = FrechetInceptionDistance(feature=feature, normalize=True).to(metric_device)
     for x in torch.from_numpy(reference[rank::world]).split(batch):
-        metric.update(x.permute(0, 3, 1, 2).to(device).float() / 255, real=True)
+        metric.update(x.permute(0, 3, 1, 2).to(metric_device).float() / 255, real=True)
     labels = torch.arange(rank, args.num_fid, world) % meta["num_classes"]  # this rank's share
     generator = torch.Generator().manual_seed(args.seed + 10_000 * rank)
     for y in tqdm(labels.split(batch), desc=f"FID {args.nfe} NFE", disable=rank != 0):
-        metric.update(generate(model, vae, meta, method, y, args.nfe, args.many_steps, generator, batch).to(device),
+        metric.update(generate(model, vae, meta, method, y, args.nfe, args.many_steps, generator, batch).to(metric_device),
                       real=False)
     value = metric.compute().item()
     return value, f"Inception-v3 pool ({feature})" if feature == 2048 else type(feature).__name__

@@ -27,6 +27,7 @@ import argparse
 import copy
 import json
 import os
+import signal
 import time
 
 import matplotlib
@@ -108,7 +109,7 @@ def pick_device(name, local_rank=0):
         available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
         if not available.get(name.split(":")[0], False):
             raise SystemExit(f"error: --device {name}: not available here (try auto, cpu, cuda or mps)")
-        return torch.device(name)
+        return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)  # a GPU per rank
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank)
     if torch.backends.mps.is_available():
@@ -210,7 +211,8 @@ def save_checkpoint(path, model, ema, opt, step, logs, args):
     state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
              "logs": logs, "config": {k: v for k, v in vars(args).items()},
              "rng": {"cpu": torch.get_rng_state(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                     "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None}}
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)  # a crash mid-write leaves the previous checkpoint intact
 
@@ -254,6 +256,8 @@ def train(args, rank, world, device):
         torch.set_rng_state(state["rng"]["cpu"])
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if state["rng"].get("mps") is not None and torch.backends.mps.is_available():
+            torch.mps.set_rng_state(state["rng"]["mps"])
     if world > 1:  # each rank draws its own batches; exact resume holds for single-process runs
         torch.manual_seed(args.seed + 1000 * rank + step)
     images, labels = load_mnist(args.data_root, train=True, download=not args.no_download)
@@ -266,15 +270,25 @@ def train(args, rank, world, device):
     null = torch.full((per_rank,), model.null_class, device=device)
     bar = tqdm(range(step, args.train_steps), desc=args.method, disable=rank != 0, initial=step,
                total=args.train_steps)
+    interrupted = []  # Ctrl-C finishes the current step, then saves: never half an optimizer update
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
     try:
         for step in bar:
+            stop = torch.tensor(float(bool(interrupted)), device=device)
+            if world > 1:  # every rank stops at the same step
+                dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+            if stop:  # between two steps: no half-applied update, and the RNG state of a step boundary
+                break
             index = torch.randint(len(images), (per_rank,), device=device)
             x, y = images[index], labels[index]
             y = torch.where(torch.rand(per_rank, device=device) < args.label_dropout, null, y)
             loss, terms = training_loss(net, ema, x, method=args.method, cond={"y": y},
                                         null_cond={"y": null}, kappa=args.kappa, order=args.order)
-            if not torch.isfinite(loss):  # stop; the last checkpoint on disk is still good
-                raise SystemExit(f"error: {args.method}: loss is {loss.item()} at step {step}; "
+            bad = torch.tensor(float(not torch.isfinite(loss)), device=device)
+            if world > 1:  # decide together, or the other ranks wait forever in backward()
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            if bad:  # stop; the last checkpoint on disk is still good
+                raise SystemExit(f"error: {args.method}: loss is {loss.item()} at step {step} (on some rank); "
                                  f"try a lower --lr, then --resume")
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -286,9 +300,12 @@ def train(args, rank, world, device):
                 bar.set_postfix(loss=f"{logs[-1]['loss']:.3f}", refresh=False)
             if rank == 0 and (step + 1) % args.ckpt_every == 0:
                 save_checkpoint(path, model, ema, opt, step + 1, logs, args)
-        step = args.train_steps
-    except KeyboardInterrupt:
-        if rank == 0:  # `step` is the step that did not finish: resume redoes it
+        else:
+            step = max(step, args.train_steps)  # (a resumed run may already be past --train-steps)
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+    if interrupted and step < args.train_steps:
+        if rank == 0:  # `step` is the first step not taken: resume starts there
             save_checkpoint(path, model, ema, opt, step, logs, args)
             print(f"\ninterrupted: saved step {step} to {path}; continue with --resume")
         raise SystemExit(130)
@@ -389,7 +406,9 @@ def class_accuracy(classifier, images, labels, batch=1000):
 
 @torch.no_grad()
 def frechet_distance(classifier, real, fake, batch=1000):
-    fid = FrechetInceptionDistance(feature=classifier).to(next(classifier.parameters()).device)
+    device = next(classifier.parameters()).device
+    device = torch.device("cpu") if device.type == "mps" else device  # float64 statistics: not on MPS
+    fid = FrechetInceptionDistance(feature=copy.deepcopy(classifier)).to(device)
     for images, is_real in ((real, True), (fake, False)):
         for x in images.split(batch):
             fid.update(x.to(fid.device), real=is_real)

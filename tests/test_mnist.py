@@ -1,6 +1,7 @@
 """mnist_twinflow.py on a tiny MNIST written in the real idx format, so the real loader runs."""
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -111,21 +112,26 @@ def test_a_corrupt_or_foreign_checkpoint_is_a_clear_error(data_root, tmp_path):
         mnist_twinflow.main(tiny(data_root, out, "--sample", "--ckpt", str(out / "missing.pt")))
 
 
-def test_ctrl_c_saves_the_step_that_did_not_finish(data_root, tmp_path, monkeypatch):
+def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(data_root, tmp_path, monkeypatch):
     calls = []
 
-    def interrupted_loss(*args, **kwargs):
+    def loss_then_ctrl_c(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
+        if len(calls) == 3:  # Ctrl-C arrives in the middle of step 2
+            os.kill(os.getpid(), signal.SIGINT)
         return original(*args, **kwargs)
 
     original = mnist_twinflow.training_loss
-    monkeypatch.setattr(mnist_twinflow, "training_loss", interrupted_loss)
+    monkeypatch.setattr(mnist_twinflow, "training_loss", loss_then_ctrl_c)
     with pytest.raises(SystemExit) as e:
-        mnist_twinflow.main(tiny(data_root, tmp_path / "o"))
+        mnist_twinflow.main(tiny(data_root, tmp_path / "o", "--log-every", "1"))
     assert e.value.code == 130
-    assert torch.load(tmp_path / "o" / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert torch.load(tmp_path / "o" / "checkpoint.pt", weights_only=False)["step"] == 3  # step 2 was finished
+    monkeypatch.setattr(mnist_twinflow, "training_loss", original)
+    mnist_twinflow.main(tiny(data_root, tmp_path / "o", "--log-every", "1", "--resume"))
+    mnist_twinflow.main(tiny(data_root, tmp_path / "straight", "--log-every", "1"))
+    logs = [torch.load(d / "checkpoint.pt", weights_only=False)["logs"] for d in (tmp_path / "o", tmp_path / "straight")]
+    assert logs[0] == logs[1]
 
 
 def test_nan_loss_stops_without_touching_the_last_checkpoint(data_root, tmp_path, monkeypatch):
