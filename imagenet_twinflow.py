@@ -168,6 +168,16 @@ def extract(args, rank, world, device):
         raise SystemExit(f"error: --image-dir {args.image_dir}: not an ImageFolder ({e})")
     vae = load_vae(args.vae, device)
     os.makedirs(args.latents, exist_ok=True)
+    settings = {"vae": args.vae, "resolution": args.resolution, "flip_copies": args.flip_copies,
+                "shard_size": args.shard_size, "images": len(dataset)}
+    manifest = os.path.join(args.latents, "extract.json")  # a resumed run must not mix shard layouts
+    if os.path.exists(manifest) and json.load(open(manifest)) != settings:
+        raise SystemExit(f"error: --latents {args.latents}: holds shards made with {json.load(open(manifest))}; "
+                         f"use the same settings to resume, or a new folder")
+    if rank == 0:
+        with open(manifest + ".tmp", "w") as f:
+            json.dump(settings, f)
+        os.replace(manifest + ".tmp", manifest)
     shards = range(math.ceil(len(dataset) / args.shard_size))
     todo = [k for k in shards if k % world == rank
             and not os.path.exists(os.path.join(args.latents, f"shard_{k:05d}.pt"))]  # resumable

@@ -68,6 +68,8 @@ def test_extraction_writes_shards_with_labels_and_resumes(assets, latents):
                                  "--shard-size", "4"))
     assert os.path.getmtime(latents / "shard_00000.pt") == before["shard_00000.pt"]  # not redone
     assert imagenet_twinflow.load_latents(str(latents))[0].shape == (12, 4, 8, 8)
+    with pytest.raises(SystemExit, match="holds shards made with"):  # other settings must not mix in
+        imagenet_twinflow.main(flags(assets, "--extract", "--image-dir", str(assets / "images"), "--shard-size", "3"))
 
 
 def test_missing_inputs_are_one_line_errors(assets, tmp_path):
