@@ -1,0 +1,339 @@
+"""scale_qwen_image.py on CPU, offline: a tiny random Qwen-Image pipeline (transformer, VAE, scheduler)
+saved with save_pretrained and loaded through the real from_pretrained paths, a stand-in text encoder,
+precompute, training with resume, a 2-process gloo FSDP2 run started with torchrun, export to a
+diffusers folder, sampling through QwenImagePipeline, and --plan against a hand count."""
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before diffusers is imported: hub look-ups fail fast
+
+import glob  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import scale_qwen_image as sq  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(4, 6, 6))
+TEXT_DIM = TINY["joint_attention_dim"]
+
+
+def stand_in_text_encoder(name, device, max_text_len):
+    """Caption → (a deterministic random embedding per caption, one token per word + 1), like
+    Qwen-Image's encoder in shape: (B, S, joint_attention_dim), mask (B, S)."""
+    def encode(captions):
+        lengths = [min(len(c.split()) + 1, max_text_len) for c in captions]
+        embeddings = torch.zeros(len(captions), max(lengths), TEXT_DIM)
+        for i, (caption, length) in enumerate(zip(captions, lengths)):
+            generator = torch.Generator().manual_seed(sum(caption.encode()) + length)
+            embeddings[i, :length] = torch.randn(length, TEXT_DIM, generator=generator)
+        mask = (torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]).long()
+        return embeddings.to(device), mask
+    return encode
+
+
+@pytest.fixture(autouse=True)
+def text_encoder(monkeypatch):
+    monkeypatch.setattr(sq, "load_text_encoder", stand_in_text_encoder)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny Qwen-Image pipeline folder and 6 image–caption pairs (a folder and a JSONL manifest)."""
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+
+    root = tmp_path_factory.mktemp("qwen")
+    torch.manual_seed(0)
+    transformer = QwenImageTransformer2DModel(**TINY)
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True])
+    QwenImagePipeline(FlowMatchEulerDiscreteScheduler(), vae, None, None, transformer).save_pretrained(root / "model")
+    rng = np.random.default_rng(0)
+    os.makedirs(root / "pairs")
+    lines = []
+    for i, caption in enumerate(["a red square", "a blue sky at noon", "green", "two cats", "a dog", "the sea"]):
+        pixels = rng.integers(0, 255, (40, 36, 3), dtype=np.uint8)  # not square: cropped
+        Image.fromarray(pixels).save(root / "pairs" / f"{i}.png")
+        (root / "pairs" / f"{i}.txt").write_text(caption)
+        lines.append(json.dumps({"image": f"pairs/{i}.png", "caption": caption}))
+    (root / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def flags(assets, *extra):
+    return ["--model", str(assets / "model"), "--resolution", "32", "--max-text-len", "8", "--batch", "4",
+            "--device", "cpu", "--log-every", "1", "--no-bf16", *extra]
+
+
+@pytest.fixture(scope="module")
+def cache(assets):
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(sq, "load_text_encoder", stand_in_text_encoder)
+        sq.main(flags(assets, "--precompute", "--data", str(assets / "pairs"), "--cache", str(assets / "cache"),
+                      "--shard-size", "4", "--encode-batch", "3"))
+    return assets / "cache"
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------
+def test_tt_embedder_starts_as_a_copy_so_tt_equal_t_is_the_pretrained_model(assets):
+    from diffusers import QwenImageTransformer2DModel
+
+    pretrained = QwenImageTransformer2DModel.from_pretrained(assets / "model", subfolder="transformer")
+    model = sq.load_transformer(str(assets / "model"), torch.float32)
+    for a, b in zip(model.tt_embedder.parameters(), model.time_text_embed.timestep_embedder.parameters()):
+        assert torch.equal(a, b)
+    torch.manual_seed(1)
+    x, text, mask = torch.randn(3, 4, 64), torch.randn(3, 5, TEXT_DIM), torch.ones(3, 5, dtype=torch.long)
+    t = torch.tensor([0.9, 0.5, 0.2])
+    kwargs = dict(hidden_states=x, encoder_hidden_states=text, encoder_hidden_states_mask=mask,
+                  img_shapes=[[(1, 2, 2)]] * 3, return_dict=False)
+    with torch.no_grad():
+        reference = pretrained(timestep=t, **kwargs)[0]
+        assert torch.allclose(model(timestep=t, target_timestep=t, **kwargs)[0], reference, atol=1e-6)
+        assert torch.allclose(model(timestep=t, **kwargs)[0], reference, atol=1e-6)  # the pipeline's call
+        assert not torch.allclose(model(timestep=t, target_timestep=t * 0, **kwargs)[0], reference, atol=1e-3)
+        assert not torch.allclose(model(timestep=-t, target_timestep=-t, **kwargs)[0], reference, atol=1e-3)
+
+
+def test_the_velocity_wrapper_meets_common_contract_and_packs_like_the_pipeline(assets):
+    from diffusers import QwenImagePipeline
+
+    model = sq.load_transformer(str(assets / "model"), torch.float32)
+    velocity = sq.velocity_fn(model, (2, 2))
+    x = torch.randn(2, 4, 64)
+    F = velocity(x, torch.ones(2), torch.zeros(2), text=torch.randn(2, 3, TEXT_DIM),
+                 text_mask=torch.ones(2, 3, dtype=torch.long))
+    assert F.shape == x.shape
+    latents = torch.randn(2, 16, 1, 4, 4)  # the VAE's (B, C, frames, h, w)
+    packed = QwenImagePipeline._pack_latents(latents, 2, 16, 4, 4)
+    assert torch.equal(QwenImagePipeline._unpack_latents(packed, 32, 32, 8), latents)
+
+
+# ----------------------------------------------------------------------------------------------
+# --plan
+# ----------------------------------------------------------------------------------------------
+def hand_count(D, J, head_dim, out=16, patch=2, in_channels=64):
+    linear = lambda i, o: i * o + o  # noqa: E731
+    block = (2 * linear(D, 6 * D)  # img_mod, txt_mod
+             + 8 * linear(D, D)  # q, k, v, out for the image and the text stream
+             + 4 * head_dim  # RMSNorm of q, k (both streams)
+             + 2 * (linear(D, 4 * D) + linear(4 * D, D)))  # img_mlp, txt_mlp
+    time = linear(256, D) + linear(D, D)
+    root = (linear(in_channels, D) + J + linear(J, D) + 2 * time  # img_in, txt_norm, txt_in, t and tt
+            + linear(D, 2 * D) + linear(D, patch * patch * out))  # norm_out, proj_out
+    frozen = linear(D, D) + linear(D, 4 * D) + linear(4 * D, D)  # the last block's text output
+    return block, root, frozen
+
+
+def test_plan_matches_a_hand_count_for_a_tiny_config(assets):
+    result = sq.main(flags(assets, "--plan", "2", "--batch", "8"))
+    block, root, frozen = hand_count(D=32, J=TEXT_DIM, head_dim=16)
+    params = 2 * block + root
+    assert (result["block"], result["parameters"]) == (block, params)
+    assert result["trainable"] == params - frozen
+    rows = result["rows"]
+    assert rows["master weights (fp32, sharded)"] == 4 * params / 2
+    assert rows["AdamW state (2 × fp32, sharded)"] == 8 * (params - frozen) / 2
+    assert sum(v for k, v in rows.items() if k.startswith("EMA")) == 0  # --ema 0: no copy
+    assert 0 < result["activations_checkpointed"] < result["activations_full"]
+
+
+def test_plan_for_the_real_config_counts_20_43b_and_fits_8_gpus_only_with_checkpointing(capsys):
+    result = sq.main(["--plan", "8"])  # offline: the class defaults, which are Qwen-Image's
+    block, root, frozen = hand_count(D=3072, J=3584, head_dim=128)
+    assert result["parameters"] == 60 * block + root
+    tt = 256 * 3072 + 3072 + 3072 * 3072 + 3072
+    assert result["parameters"] - tt == 20_430_401_088  # Qwen-Image-20B as published
+    assert result["total_checkpointed"] < 0.9 * 80 * 2**30 < result["total_full"]
+    assert "20.43B pretrained parameters" in capsys.readouterr().out
+
+
+def test_activation_extrapolation_matches_a_direct_measurement():
+    config = dict(TINY, joint_attention_dim=24, num_layers=60, num_attention_heads=6, attention_head_dim=16)
+    block, root = sq.activations_per_sample(config, image_tokens=100, text_tokens=20)
+    one, two = (sq.saved_bytes(config, n, 6, 20, image_side=10) for n in (1, 2))
+    assert block == pytest.approx(two - one, rel=1e-9) and root == pytest.approx(2 * one - two, rel=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------
+# --precompute
+# ----------------------------------------------------------------------------------------------
+def test_precompute_writes_packed_latents_and_unpadded_text_and_resumes(assets, cache):
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["shards"] == 2 and meta["pairs"] == 6 and meta["grid"] == [2, 2]
+    shard = torch.load(cache / "shard_00000.pt")
+    assert shard["latents"].shape == (4, 4, 64) and shard["latents"].dtype == torch.bfloat16
+    assert shard["text_lengths"].tolist() == [4, 6, 2, 3]  # one token per word + 1 (the stand-in)
+    assert shard["text"].shape == (4, 6, TEXT_DIM)
+    assert torch.load(cache / "null.pt")["text"].shape == (1, TEXT_DIM)
+    # the latents are the VAE's, normalised and packed as the pipeline does
+    vae = sq.load_vae(str(assets / "model"), torch.device("cpu"))
+    image = sq.center_crop(32)(Image.open(assets / "pairs" / "1.png").convert("RGB"))
+    assert torch.allclose(shard["latents"][1].float(), sq.encode_images(vae, image[None])[0], atol=2e-2)
+    # resumable: existing shards are kept
+    mtime = os.path.getmtime(cache / "shard_00001.pt")
+    os.remove(cache / "shard_00000.pt")
+    sq.main(flags(assets, "--precompute", "--data", str(assets / "pairs"), "--cache", str(cache),
+                  "--shard-size", "4", "--encode-batch", "3"))
+    assert os.path.getmtime(cache / "shard_00001.pt") == mtime and (cache / "shard_00000.pt").exists()
+    assert torch.equal(torch.load(cache / "shard_00000.pt")["latents"], shard["latents"])
+
+
+def test_a_jsonl_manifest_reads_the_same_pairs_as_the_folder(assets):
+    folder, manifest = sq.read_pairs(str(assets / "pairs")), sq.read_pairs(str(assets / "pairs.jsonl"))
+    assert [(os.path.abspath(p), c) for p, c in folder] == [(os.path.abspath(p), c) for p, c in manifest]
+
+
+def test_bad_input_is_a_one_line_error(assets, cache, tmp_path, capsys):
+    cases = [
+        (["--precompute", "--data", str(tmp_path / "nope"), "--cache", str(tmp_path / "c")], "neither a folder"),
+        (["--precompute", "--data", str(tmp_path / "nope.jsonl"), "--cache", str(tmp_path / "c")], "no such file"),
+        (["--cache", str(tmp_path / "empty")], "no meta.json"),
+        (["--resume", "--cache", str(cache), "--out", str(tmp_path / "fresh")], "no checkpoint"),
+        (["--export", str(tmp_path / "e"), "--out", str(tmp_path / "fresh")], "no checkpoint"),
+        (["--sample", "--ckpt", str(tmp_path / "nope")], "cannot load a Qwen-Image transformer"),
+    ]
+    (tmp_path / "bad.jsonl").write_text('{"image": "a.png"}\n')
+    cases.append((["--precompute", "--data", str(tmp_path / "bad.jsonl"), "--cache", str(tmp_path / "c")], "line 1"))
+    os.makedirs(tmp_path / "nocaption")
+    Image.new("RGB", (8, 8)).save(tmp_path / "nocaption" / "x.png")
+    cases.append((["--precompute", "--data", str(tmp_path / "nocaption"), "--cache", str(tmp_path / "c")],
+                  "no caption file"))
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as error:
+            sq.main(flags(assets, *argv))
+        assert message in str(error.value) and "\n" not in str(error.value), (argv, error.value)
+    for argv, message in ((["--resolution", "40", "--plan", "1"], "multiple of 16"),
+                          (["--precompute", "--data", "x"], "needs --data and --cache"),
+                          (["--cache", str(cache), "--batch", "2"], "at least 4")):
+        with pytest.raises(SystemExit) as error:
+            sq.main(flags(assets, *argv))
+        assert error.value.code == 2 and message in capsys.readouterr().err.splitlines()[-1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Train, resume, export, sample (one process)
+# ----------------------------------------------------------------------------------------------
+def train_flags(assets, cache, out, steps, *extra):
+    return flags(assets, "--cache", str(cache), "--out", str(out), "--train-steps", str(steps), *extra)
+
+
+@pytest.fixture(scope="module")
+def trained(assets, cache):
+    """3 steps with an EMA, uninterrupted; and 2 steps + resume to 3."""
+    whole = sq.main(train_flags(assets, cache, assets / "whole", 3, "--ema", "0.9"))
+    sq.main(train_flags(assets, cache, assets / "split", 2, "--ema", "0.9"))
+    resumed = sq.main(train_flags(assets, cache, assets / "split", 3, "--ema", "0.9", "--resume"))
+    return whole, resumed
+
+
+def test_resume_continues_exactly(assets, trained):
+    whole, resumed = trained
+    assert [log["step"] for log in whole] == [0, 1, 2]
+    assert all(np.isfinite(log["loss"]) and {"base", "adv", "rectify"} <= set(log) for log in whole)
+    assert resumed == whole  # the logs of steps 0, 1 (saved) and 2 (after the restart) all match
+    steps = [os.path.basename(p) for p in sq.checkpoint_dirs(str(assets / "split"))]
+    assert steps == ["step_0000002", "step_0000003"]  # --keep 2, complete directories only
+    state = json.loads((assets / "split" / "checkpoints" / "step_0000003" / "train_state.json").read_text())
+    assert state["step"] == 3 and state["ema"] and state["transformer_config"]["num_layers"] == 2
+
+
+def test_a_corrupt_checkpoint_is_a_clear_error(assets, cache, trained, tmp_path):
+    shutil.copytree(assets / "split", tmp_path / "run")
+    newest = sq.checkpoint_dirs(str(tmp_path / "run"))[-1]
+    for shard in glob.glob(os.path.join(newest, "*.distcp")):
+        open(shard, "r+b").truncate(100)
+    with pytest.raises(SystemExit, match="unreadable checkpoint"):
+        sq.main(train_flags(assets, cache, tmp_path / "run", 4, "--ema", "0.9", "--resume"))
+    with pytest.raises(SystemExit, match="with an EMA"):
+        sq.main(train_flags(assets, cache, assets / "split", 4, "--resume"))
+
+
+def test_a_non_finite_loss_stops_with_an_error_and_keeps_the_checkpoint(assets, cache, tmp_path, monkeypatch):
+    real = sq.training_loss
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        loss, terms = real(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan"), terms) if len(calls) == 2 else (loss, terms)
+    monkeypatch.setattr(sq, "training_loss", poisoned)
+    with pytest.raises(SystemExit, match="loss is nan at step 1"):
+        sq.main(train_flags(assets, cache, tmp_path / "run", 3, "--ckpt-every", "1"))
+    assert [os.path.basename(p) for p in sq.checkpoint_dirs(str(tmp_path / "run"))] == ["step_0000001"]
+
+
+def test_export_loads_in_qwen_image_pipeline_and_samples_1_2_4_nfe(assets, trained, tmp_path):
+    from diffusers import QwenImagePipeline
+
+    folder = sq.main(flags(assets, "--export", str(tmp_path / "export"), "--out", str(assets / "split")))
+    transformer = sq.TwinFlowQwenImageTransformer.from_pretrained(tmp_path / "export", subfolder="transformer")
+    assert transformer.config.num_layers == 2 and os.path.isfile(os.path.join(folder, "config.json"))
+    pipe = QwenImagePipeline.from_pretrained(assets / "model", transformer=transformer, text_encoder=None,
+                                             tokenizer=None)
+    assert pipe.transformer is transformer
+    # the exported weights are the EMA's (bf16) and the tt embedder has been trained away from its copy
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    dcp_to_torch_save(sq.checkpoint_dirs(str(assets / "split"))[-1], tmp_path / "full.pt")
+    full = torch.load(tmp_path / "full.pt")
+    assert torch.equal(transformer.proj_out.weight, full["ema"]["proj_out.weight"].to(torch.bfloat16).float())
+    assert not torch.equal(transformer.tt_embedder.linear_2.weight,
+                           transformer.time_text_embed.timestep_embedder.linear_2.weight)
+    written = sq.main(flags(assets, "--sample", "--ckpt", str(tmp_path / "export"), "--out", str(tmp_path / "s"),
+                            "--prompts", "a red square|the sea", "--pipeline-steps", "2"))
+    assert set(written) == {"nfe1", "nfe2", "nfe4", "pipeline_2steps"}
+    for name, images in written.items():
+        assert images.shape == (2, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
+        assert os.path.isfile(tmp_path / "s" / f"{name}.png")
+
+
+# ----------------------------------------------------------------------------------------------
+# FSDP2: 2 processes, gloo, started with torchrun
+# ----------------------------------------------------------------------------------------------
+def torchrun(args, port):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               os.path.join(ROOT, "scale_qwen_image.py"), *args]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def test_two_rank_fsdp2_trains_saves_shards_resumes_exactly_and_exports(assets, cache, tmp_path):
+    common = ["--model", str(assets / "model"), "--cache", str(cache), "--batch", "8", "--device", "cpu",
+              "--log-every", "1", "--ema", "0.9", "--ckpt-every", "2"]  # bf16 compute (the default)
+    torchrun([*common, "--out", str(tmp_path / "whole"), "--train-steps", "3"], free_port())
+    newest = sq.checkpoint_dirs(str(tmp_path / "whole"))[-1]
+    assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(newest, "*.distcp"))) == [
+        "__0_0.distcp", "__1_0.distcp"]  # each rank wrote its own shards
+    assert os.path.isfile(os.path.join(newest, "rng_rank1.pt"))
+    whole = json.load(open(os.path.join(newest, "train_state.json")))
+    assert whole["world"] == 2 and [log["step"] for log in whole["logs"]] == [0, 1, 2]
+    # resume from the step-2 checkpoint: step 2's loss is the uninterrupted run's
+    shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_0000003")
+    torchrun([*common, "--out", str(tmp_path / "resumed"), "--train-steps", "3", "--resume"], free_port())
+    resumed = json.load(open(os.path.join(sq.checkpoint_dirs(str(tmp_path / "resumed"))[-1], "train_state.json")))
+    assert resumed["logs"] == whole["logs"]
+    # the sharded checkpoint becomes one consolidated folder, in one process
+    folder = sq.main(["--export", str(tmp_path / "export"), "--out", str(tmp_path / "whole")])
+    transformer = sq.TwinFlowQwenImageTransformer.from_pretrained(os.path.dirname(folder), subfolder="transformer")
+    block, root, _ = hand_count(32, TEXT_DIM, 16)
+    assert sum(p.numel() for p in transformer.parameters()) == 2 * block + root
