@@ -82,13 +82,13 @@ parser.add_argument("--order", type=int, default=2, help="N of the RCGM consiste
 parser.add_argument("--text-dropout", type=float, default=0.1, help="share of captions replaced by the empty prompt")
 parser.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
 parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
-                    help="bf16 compute (FSDP2 mixed precision; autocast on a single CUDA device)")
+                    help="bf16 compute (FSDP2 mixed precision under torchrun; else autocast on CUDA)")
 parser.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True,
                     help="recompute each block's activations in backward")
 parser.add_argument("--out", default="out/qwen_twinflow")
 parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
 parser.add_argument("--ckpt-every", type=int, default=500)
-parser.add_argument("--keep", type=int, default=2, help="checkpoints kept (each is ~16 bytes/parameter)")
+parser.add_argument("--keep", type=int, default=2, help="checkpoints kept (each is 12 bytes/parameter, 16 with --ema)")
 parser.add_argument("--log-every", type=int, default=10)
 parser.add_argument("--export", metavar="DIR", help="write --out's newest checkpoint as a diffusers folder")
 parser.add_argument("--sample", action="store_true", help="images from the exported transformer in --ckpt")
@@ -135,15 +135,16 @@ def pick_device(name, local_rank=0):
 
 
 def setup_distributed(args):
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; plain `python` runs one process. → (rank, world, device)"""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK, and then training is FSDP2, even on one GPU; plain
+    `python` runs one process without sharding. → (rank, world, device)"""
+    if "RANK" not in os.environ:
         return 0, 1, pick_device(args.device)
+    world = int(os.environ["WORLD_SIZE"])
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     device = pick_device(args.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    # An hour, not NCCL's 10 minutes: saving ~16 bytes per parameter or encoding a shard can take long.
+    # An hour, not NCCL's 10 minutes: saving 12 bytes per parameter or encoding a shard takes long.
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=60))
     return rank, world, device
 
@@ -282,11 +283,12 @@ def activations_per_sample(config, image_tokens, text_tokens):
     return float(block), float(root)
 
 
-def plan(args, verbose=True):
+def plan(args, config=None, verbose=True):
     """Bytes per GPU for full-parameter training of --model's transformer on --plan GPUs with FSDP2:
     fp32 sharded master weights, gradients and AdamW state (16 bytes per trainable parameter over
-    N GPUs), bf16 compute, fp32 gradient reduction. Returns the rows (bytes) and the totals."""
-    config, source = transformer_config(args.model)
+    N GPUs), bf16 compute, fp32 gradient reduction. Returns the rows (bytes) and the totals.
+    config: a transformer config to plan for instead of --model's (the GPU benchmark's reduced one)."""
+    config, source = (config, "the given config") if config is not None else transformer_config(args.model)
     with torch.device("meta"):
         model = freeze_unused(TwinFlowQwenImageTransformer(**config))
     config = {k: v for k, v in model.config.items() if not k.startswith("_")}
@@ -543,7 +545,7 @@ def build(args, world, device, for_ema=False):
     model = freeze_unused(load_transformer(args.model))  # bf16 on the host: half the RAM of fp32
     if args.grad_ckpt and not for_ema:
         model.enable_gradient_checkpointing()  # diffusers: torch.utils.checkpoint around each block
-    if world > 1:
+    if dist.is_initialized():  # under torchrun
         mesh = init_device_mesh(device.type, (world,))
         # bf16 all-gathers and compute, gradients reduce-scattered in fp32
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if args.bf16 else None, reduce_dtype=torch.float32)
@@ -664,7 +666,7 @@ def train(args, rank, world, device):
     null_cond = {"text": null_text.expand(per_rank, -1, -1), "text_mask": torch.ones(
         per_rank, len(null_text), dtype=torch.long, device=device)}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16,
-                              enabled=args.bf16 and world == 1 and device.type == "cuda")
+                              enabled=args.bf16 and not dist.is_initialized() and device.type == "cuda")
     if rank == 0:
         print(f"{args.method}: {sum(p.numel() for p in model.parameters()) / 1e9:.3f}B parameters, "
               f"{len(cache)} pairs, world size {world}, global batch {per_rank * world} ({per_rank} per rank), "
@@ -711,7 +713,7 @@ def train(args, rank, world, device):
     finally:
         signal.signal(signal.SIGINT, previous_handler)
     done = checkpoint_dirs(args.out)
-    if done and done[-1].endswith(f"step_{step:07d}"):  # just saved by --ckpt-every: ~16 bytes/parameter
+    if done and done[-1].endswith(f"step_{step:07d}"):  # just saved by --ckpt-every: not twice
         path = done[-1]
     else:
         path = save_checkpoint(args, model, ema, opt, step, logs, rank, world)
@@ -820,7 +822,7 @@ def main(argv=None):
             print(f"trained to {path} in {time.time() - start:.0f} s")
         return logs
     finally:
-        if world > 1:
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 

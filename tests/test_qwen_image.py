@@ -337,3 +337,14 @@ def test_two_rank_fsdp2_trains_saves_shards_resumes_exactly_and_exports(assets, 
     transformer = sq.TwinFlowQwenImageTransformer.from_pretrained(os.path.dirname(folder), subfolder="transformer")
     block, root, _ = hand_count(32, TEXT_DIM, 16)
     assert sum(p.numel() for p in transformer.parameters()) == 2 * block + root
+
+
+def test_the_gpu_memory_benchmark_runs_its_step_on_cpu():
+    """benchmarks/qwen_step_memory.py: on CPU it runs scale_qwen_image.py's step and the plan for the
+    same config (memory itself is measured only on CUDA)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2")
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "qwen_step_memory.py"), "--layers", "2", "--heads",
+               "2", "--resolution", "32", "--text-len", "8", "--steps", "2", "--device", "cpu"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 1: loss" in result.stdout and "predicted: weights + gradients + AdamW" in result.stdout
