@@ -166,23 +166,30 @@ class TwinFlowQwenImageTransformer(QwenImageTransformer2DModel):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.tt_embedder = copy.deepcopy(self.time_text_embed.timestep_embedder)
-        self._target_timestep = None
-        # The parent computes temb inside its forward; a hook adds the tt term to it.
+        self._times = None
+        # The parent computes temb inside its forward; a hook adds the tt term to it, reading the times
+        # that forward() stores for the length of the call (so only a call through forward() sees tt).
         self.time_text_embed.register_forward_hook(self._add_target_time)
 
-    def forward(self, *args, target_timestep=None, **kwargs):
-        """QwenImageTransformer2DModel.forward, plus target_timestep (B,) (default: tt = timestep)."""
-        self._target_timestep = target_timestep
+    def forward(self, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None, timestep=None,
+                *args, target_timestep=None, **kwargs):
+        """QwenImageTransformer2DModel.forward, plus target_timestep (B,) (default: tt = timestep).
+        Pass the times in fp32. The jump t − tt is taken before anything is rounded: in bf16 (8 bits)
+        the multi-step part's short jumps, tt = t(1 − 0.05u), would often round to exactly 0. So under
+        FSDP2 this root casts no inputs; it casts the latents and text to its compute dtype here."""
+        dtype = self.img_in.weight.dtype  # bf16 under FSDP2 mixed precision (gathered weights)
+        if target_timestep is not None:
+            self._times = (timestep.float(), target_timestep.float())
         try:
-            return super().forward(*args, **kwargs)
+            return super().forward(hidden_states.to(dtype), encoder_hidden_states.to(dtype), encoder_hidden_states_mask,
+                                   timestep, *args, **kwargs)
         finally:
-            self._target_timestep = None
+            self._times = None
 
     def _add_target_time(self, time_text_embed, inputs, temb):
-        if self._target_timestep is None:
+        if self._times is None:
             return temb
-        t = inputs[0]
-        tt = self._target_timestep.to(t.dtype)
+        t, tt = self._times  # fp32 (the parent has rounded its own copy of t to the compute dtype)
         tt_emb = self.tt_embedder(time_text_embed.time_proj(tt).to(temb.dtype))
         return temb + tt_emb * (t - tt)[:, None].to(temb.dtype)
 
@@ -205,10 +212,10 @@ def load_transformer(name, dtype=torch.bfloat16):
 
 def freeze_unused(model):
     """The last block's text stream is computed and thrown away (only image tokens reach proj_out):
-    its output layers never get a gradient. Frozen, AdamW keeps no state for them and the sharded
+    its text queries and output layers never get a gradient. Frozen, AdamW keeps no state for them and the sharded
     checkpoint's optimizer matches the trainable parameters exactly."""
     last = model.transformer_blocks[-1]
-    for module in (last.attn.to_add_out, last.txt_mlp):
+    for module in (last.attn.add_q_proj, last.attn.norm_added_q, last.attn.to_add_out, last.txt_mlp):
         module.requires_grad_(False)
     return model
 
@@ -311,10 +318,16 @@ def plan(args, config=None, verbose=True):
     }
     act_ckpt = per_gpu * (layers * block_inputs + block_act + root_act)
     act_full = per_gpu * (layers * block_act + root_act)
-    total = sum(rows.values())
+    static = sum(v for k, v in rows.items() if "in flight" not in k)
+    in_flight = sum(v for k, v in rows.items() if "in flight" in k)
+    adam_step = 4 * trainable / n_gpus  # AdamW's foreach temporaries, while the activations are freed
+    total_ckpt = static + max(in_flight + act_ckpt, adam_step)
+    total_full = static + max(in_flight + act_full, adam_step)
+    host = 2 * params * (2 if args.ema else 1)  # per rank, while loading: the whole bf16 model (twice with EMA)
     result = {"parameters": params, "trainable": trainable, "block": block, "root": root, "rows": rows,
-              "activations_checkpointed": act_ckpt, "activations_full": act_full,
-              "total_checkpointed": total + act_ckpt, "total_full": total + act_full, "config_source": source}
+              "activations_checkpointed": act_ckpt, "activations_full": act_full, "adam_step": adam_step,
+              "total_checkpointed": total_ckpt, "total_full": total_full, "host_per_rank": host,
+              "config_source": source}
     if verbose:
         tt = sum(p.numel() for p in model.tt_embedder.parameters())
         print(f"Qwen-Image transformer from {source}:\n  {(params - tt) / 1e9:.2f}B pretrained parameters "
@@ -326,11 +339,16 @@ def plan(args, config=None, verbose=True):
             print(f"  {name:<60} {value / GiB:8.1f} GiB")
         print(f"  {'activations, blocks recomputed (--grad-ckpt, default)':<60} {act_ckpt / GiB:8.1f} GiB")
         print(f"  {'activations, all kept (--no-grad-ckpt)':<60} {act_full / GiB:8.1f} GiB")
-        for name, value in (("with --grad-ckpt", total + act_ckpt), ("with --no-grad-ckpt", total + act_full)):
+        print(f"  {'AdamW step temporaries (after backward, activations freed)':<60} {adam_step / GiB:8.1f} GiB")
+        for name, value in (("with --grad-ckpt", total_ckpt), ("with --no-grad-ckpt", total_full)):
             verdict = "fits" if value <= 0.9 * args.gpu_memory * GiB else "does NOT fit"
             print(f"  total {name:<54} {value / GiB:8.1f} GiB: {verdict} in {args.gpu_memory:g} GiB "
                   f"(10% kept for the CUDA context and fragmentation)")
-        print("\n  Activations: autograd's saved tensors of this block measured on CPU at a small size and "
+        print(f"\n  Host RAM while loading: every rank holds the whole model in bf16 once{' (twice: --ema)' if args.ema else ''}, "
+              f"{host / GiB:.0f} GiB per rank ({8 * host / GiB:.0f} GiB for 8 ranks on a node).")
+        if args.batch // n_gpus < 4:
+            print(f"  Warning: --batch {args.batch} gives {args.batch // n_gpus} per GPU; training needs at least 4.")
+        print("  Activations: autograd's saved tensors of this block measured on CPU at a small size and "
               "scaled;\n  weights and optimizer: exact counts. An estimate: the real peak also depends on "
               "the allocator.")
     return result
@@ -453,8 +471,12 @@ def precompute(args, rank, world, device):
     vae, encode_text = load_vae(args.model, device), load_text_encoder(args.model, device, args.max_text_len)
     transform = center_crop(args.resolution)
     shards = range(math.ceil(len(pairs) / args.shard_size))
-    todo = [k for k in shards if k % world == rank
-            and not os.path.exists(os.path.join(args.cache, f"shard_{k:05d}.pt"))]  # resumable
+    if world > 1:  # (rank 0 wrote the manifest)
+        dist.barrier()
+    missing = [k for k in shards if not os.path.exists(os.path.join(args.cache, f"shard_{k:05d}.pt"))]
+    if world > 1:  # every rank has listed the same missing shards before any is written
+        dist.barrier()
+    todo = missing[rank::world]  # resumable, and the work stays even across ranks
     for k in tqdm(todo, desc=f"rank {rank} shards", disable=rank != 0):
         part = pairs[k * args.shard_size:(k + 1) * args.shard_size]
         latents, texts = [], []
@@ -551,9 +573,12 @@ def build(args, world, device, for_ema=False):
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if args.bf16 else None, reduce_dtype=torch.float32)
         for block in model.transformer_blocks:  # one all-gather per block, freed after use
             fully_shard(block, mesh=mesh, mp_policy=policy)
-        # The rest (embedders, img_in, proj_out). FSDP2 keeps a root's weights gathered after forward,
-        # for the backward that follows; the EMA has no backward, so it must free them itself.
-        fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True if for_ema else None)
+        # The rest (embedders, img_in, proj_out). It casts no inputs: the times must reach it in fp32
+        # (see TwinFlowQwenImageTransformer.forward). FSDP2 keeps a root's weights gathered after
+        # forward, for the backward that follows; the EMA has no backward, so it frees them itself.
+        root_policy = MixedPrecisionPolicy(param_dtype=policy.param_dtype, reduce_dtype=torch.float32,
+                                           cast_forward_inputs=False)
+        fully_shard(model, mesh=mesh, mp_policy=root_policy, reshard_after_forward=for_ema)
     # fp32 master weights, AFTER sharding so each rank converts only its shard. At lr 1e-5 an update
     # is ~1e-3 of a weight, below bf16's resolution (2^-8 ≈ 4e-3): bf16 weights would not move.
     model = model.float().to(device)
@@ -570,7 +595,8 @@ def save_checkpoint(args, model, ema, opt, step, logs, rank, world):
     final = os.path.join(args.out, "checkpoints", f"step_{step:07d}")
     tmp = final + ".tmp"
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in glob.glob(os.path.join(args.out, "checkpoints", "step_*.tmp")):  # from a crashed save
+            shutil.rmtree(stale)
         os.makedirs(tmp)
     if world > 1:
         dist.barrier()
@@ -673,8 +699,11 @@ def train(args, rank, world, device):
               f"device {device}, from step {step}")
     bar = tqdm(range(step, args.train_steps), desc=args.method, disable=rank != 0, initial=step,
                total=args.train_steps)
-    interrupted = []  # Ctrl-C finishes the current step, then saves: never half an optimizer update
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    # Ctrl-C, or a scheduler's SIGTERM before preemption, finishes the current step, then saves:
+    # never half an optimizer update.
+    interrupted, saved = [], None
+    previous_handlers = {sig: signal.signal(sig, lambda *_: interrupted.append(True))
+                         for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         for step in bar:
             stop = torch.tensor(float(bool(interrupted)), device=device)
@@ -707,14 +736,15 @@ def train(args, rank, world, device):
                 logs.append({"step": step, **{k: v.item() / world for k, v in terms.items()}})
                 bar.set_postfix(loss=f"{logs[-1]['loss']:.4f}", refresh=False)
             if (step + 1) % args.ckpt_every == 0:
-                save_checkpoint(args, model, ema, opt, step + 1, logs, rank, world)
+                saved = (step + 1, save_checkpoint(args, model, ema, opt, step + 1, logs, rank, world))
         else:
             step = max(step, args.train_steps)  # (a resumed run may already be past --train-steps)
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
-    done = checkpoint_dirs(args.out)
-    if done and done[-1].endswith(f"step_{step:07d}"):  # just saved by --ckpt-every: not twice
-        path = done[-1]
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+    # (every rank decides from the same counter: a collective save entered by some ranks only would hang)
+    if saved and saved[0] == step:  # just saved by --ckpt-every: not twice
+        path = saved[1]
     else:
         path = save_checkpoint(args, model, ema, opt, step, logs, rank, world)
     if interrupted and step < args.train_steps:

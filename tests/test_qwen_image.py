@@ -9,6 +9,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before diffusers is imported: hub look-ups
 import glob  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -106,6 +107,35 @@ def test_tt_embedder_starts_as_a_copy_so_tt_equal_t_is_the_pretrained_model(asse
         assert not torch.allclose(model(timestep=-t, target_timestep=-t, **kwargs)[0], reference, atol=1e-3)
 
 
+def test_short_jumps_survive_bf16_weights(assets):
+    """The jump t − tt is taken in fp32: in bf16, 0.5 and 0.4995 are the same number."""
+    model = torch.nn.Module.to(sq.load_transformer(str(assets / "model"), torch.float32), torch.bfloat16)
+    torch.manual_seed(1)
+    kwargs = dict(hidden_states=torch.randn(2, 4, 64), encoder_hidden_states=torch.randn(2, 3, TEXT_DIM),
+                  encoder_hidden_states_mask=torch.ones(2, 3, dtype=torch.long), img_shapes=[[(1, 2, 2)]] * 2,
+                  return_dict=False)
+    t = torch.full((2,), 0.5)
+    assert torch.equal(t.bfloat16(), (t * 0.999).bfloat16())
+    with torch.no_grad():
+        instant = model(timestep=t, target_timestep=t, **kwargs)[0]
+        short = model(timestep=t, target_timestep=t * 0.999, **kwargs)[0]
+    assert instant.dtype == torch.bfloat16 and not torch.equal(short, instant)
+
+
+def test_padded_text_with_its_mask_gives_the_same_velocity(assets):
+    model = sq.load_transformer(str(assets / "model"), torch.float32)
+    velocity = sq.velocity_fn(model, (2, 2))
+    torch.manual_seed(2)
+    x, text = torch.randn(1, 4, 64), torch.randn(1, 3, TEXT_DIM)
+    padded, mask = sq.pad([text[0], torch.zeros(5, TEXT_DIM)])  # the batch pads the 3 tokens to 5
+    t = torch.tensor([0.7])
+    with torch.no_grad():
+        alone = velocity(x, t, t / 2, text, torch.ones(1, 3, dtype=torch.long))
+        in_batch = velocity(x, t, t / 2, padded[:1], mask[:1])
+    assert mask[0].tolist() == [1, 1, 1, 0, 0]
+    assert torch.allclose(alone, in_batch, atol=1e-5)
+
+
 def test_the_velocity_wrapper_meets_common_contract_and_packs_like_the_pipeline(assets):
     from diffusers import QwenImagePipeline
 
@@ -132,7 +162,7 @@ def hand_count(D, J, head_dim, out=16, patch=2, in_channels=64):
     time = linear(256, D) + linear(D, D)
     root = (linear(in_channels, D) + J + linear(J, D) + 2 * time  # img_in, txt_norm, txt_in, t and tt
             + linear(D, 2 * D) + linear(D, patch * patch * out))  # norm_out, proj_out
-    frozen = linear(D, D) + linear(D, 4 * D) + linear(4 * D, D)  # the last block's text output
+    frozen = 2 * linear(D, D) + head_dim + linear(D, 4 * D) + linear(4 * D, D)  # the last block's text q and output
     return block, root, frozen
 
 
@@ -188,6 +218,28 @@ def test_precompute_writes_packed_latents_and_unpadded_text_and_resumes(assets, 
                   "--shard-size", "4", "--encode-batch", "3"))
     assert os.path.getmtime(cache / "shard_00001.pt") == mtime and (cache / "shard_00000.pt").exists()
     assert torch.equal(torch.load(cache / "shard_00000.pt")["latents"], shard["latents"])
+
+
+def test_latent_normalisation_and_packing_invert_exactly(assets):
+    """encode_images → decode_latents is the VAE's own round trip: the normalisation and the 2×2
+    packing undo each other (a wrong sign, scale or layout would not)."""
+    vae = sq.load_vae(str(assets / "model"), torch.device("cpu"))
+    torch.manual_seed(3)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        plain = vae.decode(vae.encode(images[:, :, None]).latent_dist.mode(), return_dict=False)[0][:, :, 0]
+        ours = sq.decode_latents(vae, sq.encode_images(vae, images), 32)
+    assert torch.allclose(ours, ((plain + 1) / 2).clamp(0, 1), atol=1e-5)
+
+
+def test_caption_dropout_puts_the_empty_prompt_in_those_rows(cache):
+    data = sq.Cache(str(cache))
+    x, text, mask = data.batch(torch.tensor([0, 1, 2]), torch.tensor([False, True, False]), torch.device("cpu"))
+    assert x.shape == (3, 4, 64) and x.dtype == torch.float32
+    shard = torch.load(cache / "shard_00000.pt")
+    assert mask.sum(1).tolist() == [4, 1, 2]  # caption, empty prompt, caption
+    assert torch.equal(text[1, :1], data.null) and torch.equal(text[0, :4], shard["text"][0, :4])
+    assert torch.equal(text[2, :2], shard["text"][2, :2]) and not text[2, 2:].any()
 
 
 def test_a_jsonl_manifest_reads_the_same_pairs_as_the_folder(assets):
@@ -274,6 +326,25 @@ def test_a_non_finite_loss_stops_with_an_error_and_keeps_the_checkpoint(assets, 
     assert [os.path.basename(p) for p in sq.checkpoint_dirs(str(tmp_path / "run"))] == ["step_0000001"]
 
 
+def test_sigterm_finishes_the_step_saves_and_resumes_exactly(assets, cache, trained, tmp_path, monkeypatch):
+    """A scheduler's SIGTERM (or Ctrl-C) in the middle of step 1: the step is finished, step 2 is
+    saved, the exit code is 130, and the resumed run matches the uninterrupted one."""
+    real, calls = sq.training_loss, []
+
+    def loss_then_sigterm(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(sq, "training_loss", loss_then_sigterm)
+    with pytest.raises(SystemExit) as error:
+        sq.main(train_flags(assets, cache, tmp_path / "run", 3, "--ema", "0.9"))
+    assert error.value.code == 130
+    assert [os.path.basename(p) for p in sq.checkpoint_dirs(str(tmp_path / "run"))] == ["step_0000002"]
+    monkeypatch.setattr(sq, "training_loss", real)
+    assert sq.main(train_flags(assets, cache, tmp_path / "run", 3, "--ema", "0.9", "--resume")) == trained[0]
+
+
 def test_export_loads_in_qwen_image_pipeline_and_samples_1_2_4_nfe(assets, trained, tmp_path):
     from diffusers import QwenImagePipeline
 
@@ -337,6 +408,11 @@ def test_two_rank_fsdp2_trains_saves_shards_resumes_exactly_and_exports(assets, 
     transformer = sq.TwinFlowQwenImageTransformer.from_pretrained(os.path.dirname(folder), subfolder="transformer")
     block, root, _ = hand_count(32, TEXT_DIM, 16)
     assert sum(p.numel() for p in transformer.parameters()) == 2 * block + root
+    # the sharded weights that the optimizer stepped are the ones the model runs: they moved
+    pretrained = sq.load_transformer(str(assets / "model"), torch.bfloat16)
+    for name in ("transformer_blocks.0.img_mlp.net.2.weight", "proj_out.weight", "tt_embedder.linear_1.weight"):
+        trained, start = transformer.get_parameter(name), pretrained.get_parameter(name)
+        assert trained.shape == start.shape and not torch.equal(trained, start), name
 
 
 def test_the_gpu_memory_benchmark_runs_its_step_on_cpu():
