@@ -159,13 +159,15 @@ def main(argv=None):
         r = measure(args, device, method, split, kappa)
         if r is not None:
             results[(method, split, kappa)] = r
-    header = f"{'method':<10} {'form':<9} {'kappa':>5} {'ms/step':>9} {'× flow':>7} {'saved MB':>9} {'× flow':>7}"
+    header = (f"{'method':<10} {'form':<9} {'kappa':>5} {'ms/step':>9} {'× flow':>7} {'images/s':>9} "
+              f"{'saved MB':>9} {'× flow':>7}")
     has_peak = device.type == "cuda"
     print(header + (f" {'peak MB':>9} {'× flow':>7}" if has_peak else ""))
     for (method, split, kappa), r in results.items():
         ref = results[("flow", True, 0.0)]  # every ratio is against plain, unguided flow matching
         line = (f"{method:<10} {'split' if split else 'whole':<9} {kappa:>5} {r['ms']:9.1f} "
-                f"{r['ms'] / ref['ms']:7.2f} {r['saved_mb']:9.1f} {r['saved_mb'] / ref['saved_mb']:7.2f}")
+                f"{r['ms'] / ref['ms']:7.2f} {args.batch / r['ms'] * 1000:9.1f} {r['saved_mb']:9.1f} "
+                f"{r['saved_mb'] / ref['saved_mb']:7.2f}")
         if has_peak:
             line += f" {r['peak_mb']:9.1f} {r['peak_mb'] / ref['peak_mb']:7.2f}"
         print(line)
