@@ -150,6 +150,206 @@ def setup_distributed(args):
 
 
 # ----------------------------------------------------------------------------------------------
+# Stage 1: image–caption pairs → packed VAE latents and text embeddings, in shards
+# ----------------------------------------------------------------------------------------------
+IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def read_pairs(path):
+    """→ [(image path, caption)] from a folder (captions in same-named .txt files) or a JSONL manifest."""
+    if path.endswith(".jsonl"):
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: --data {path}: no such file")
+        pairs = []
+        for number, line in enumerate(open(path), 1):
+            if line.strip():
+                try:
+                    item = json.loads(line)
+                    pairs.append((os.path.join(os.path.dirname(path), item["image"]), str(item["caption"])))
+                except (ValueError, KeyError, TypeError) as e:
+                    raise SystemExit(f"error: --data {path}: line {number} is not "
+                                     f'{{"image": ..., "caption": ...}} ({type(e).__name__}: {e})')
+    elif os.path.isdir(path):
+        images = sorted(p for p in glob.glob(os.path.join(path, "*")) if p.lower().endswith(IMAGE_TYPES))
+        pairs = []
+        for image in images:
+            caption = os.path.splitext(image)[0] + ".txt"
+            if not os.path.isfile(caption):
+                raise SystemExit(f"error: --data {path}: {os.path.basename(image)} has no caption file "
+                                 f"{os.path.basename(caption)}")
+            pairs.append((image, open(caption).read().strip()))
+    else:
+        raise SystemExit(f"error: --data {path}: neither a folder nor a .jsonl file")
+    if not pairs:
+        raise SystemExit(f"error: --data {path}: no image–caption pairs found")
+    return pairs
+
+
+def load_text_encoder(name, device, max_text_len):
+    """captions → (embeddings (B, S, 3584), mask (B, S)) with Qwen-Image's own encode_prompt
+    (Qwen2.5-VL, its prompt template, the template tokens dropped). The tests swap in a stand-in."""
+    try:
+        pipe = QwenImagePipeline.from_pretrained(name, transformer=None, vae=None, torch_dtype=torch.bfloat16)
+    except Exception as e:
+        raise SystemExit(f"error: --model {name}: cannot load the text encoder ({type(e).__name__})")
+    pipe.text_encoder.to(device)
+
+    def encode(captions):
+        embeddings, mask = pipe.encode_prompt(captions, device=device, max_sequence_length=max_text_len)
+        return embeddings, torch.ones(embeddings.shape[:2], dtype=torch.long) if mask is None else mask
+    return encode
+
+
+def load_vae(name, device):
+    try:
+        vae = AutoencoderKLQwenImage.from_pretrained(name, subfolder="vae")
+    except Exception as e:
+        raise SystemExit(f"error: --model {name}: cannot load the Qwen-Image VAE ({type(e).__name__})")
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def latent_statistics(vae, like):
+    """The per-channel mean and std the pipeline normalises latents with, shaped (1, C, 1, 1, 1)."""
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    return (torch.tensor(vae.config.latents_mean).view(shape).to(like),
+            torch.tensor(vae.config.latents_std).view(shape).to(like))
+
+
+@torch.no_grad()
+def encode_images(vae, images):
+    """(B, 3, H, W) in [−1, 1] → packed latents (B, H/16·W/16, 64), exactly as the pipeline lays them out."""
+    latents = vae.encode(images[:, :, None].to(vae.dtype)).latent_dist.mode()  # (B, 16, 1, H/8, W/8)
+    mean, std = latent_statistics(vae, latents)
+    latents = (latents - mean) / std
+    B, C, _, h, w = latents.shape
+    return QwenImagePipeline._pack_latents(latents, B, C, h, w)
+
+
+@torch.no_grad()
+def decode_latents(vae, latents, resolution, vae_scale_factor=8):
+    """Packed latents → images (B, 3, H, W) in [0, 1]: the pipeline's decoding."""
+    latents = QwenImagePipeline._unpack_latents(latents, resolution, resolution, vae_scale_factor).to(vae.dtype)
+    mean, std = latent_statistics(vae, latents)
+    images = vae.decode(latents * std + mean, return_dict=False)[0][:, :, 0]
+    return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+def center_crop(resolution):
+    """Resize the short side to `resolution`, crop the centre, scale to [−1, 1]."""
+    return torchvision.transforms.Compose([
+        torchvision.transforms.Resize(resolution, interpolation=torchvision.transforms.InterpolationMode.BICUBIC),
+        torchvision.transforms.CenterCrop(resolution), torchvision.transforms.ToTensor(),
+        torchvision.transforms.Normalize([0.5] * 3, [0.5] * 3)])
+
+
+def save_atomic(obj, path):
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)  # a crash mid-write leaves no half-written file under the real name
+
+
+@torch.no_grad()
+def precompute(args, rank, world, device):
+    from PIL import Image
+
+    pairs = read_pairs(args.data)
+    os.makedirs(args.cache, exist_ok=True)
+    settings = {"model": args.model, "resolution": args.resolution, "max_text_len": args.max_text_len,
+                "shard_size": args.shard_size, "pairs": len(pairs)}
+    manifest = os.path.join(args.cache, "precompute.json")  # a resumed run must not mix shard layouts
+    if os.path.exists(manifest) and json.load(open(manifest)) != settings:
+        raise SystemExit(f"error: --cache {args.cache}: holds shards made with {json.load(open(manifest))}; "
+                         f"use the same settings to resume, or a new folder")
+    if rank == 0:
+        with open(manifest + ".tmp", "w") as f:
+            json.dump(settings, f)
+        os.replace(manifest + ".tmp", manifest)
+    vae, encode_text = load_vae(args.model, device), load_text_encoder(args.model, device, args.max_text_len)
+    transform = center_crop(args.resolution)
+    shards = range(math.ceil(len(pairs) / args.shard_size))
+    if world > 1:  # (rank 0 wrote the manifest)
+        dist.barrier()
+    missing = [k for k in shards if not os.path.exists(os.path.join(args.cache, f"shard_{k:05d}.pt"))]
+    if world > 1:  # every rank has listed the same missing shards before any is written
+        dist.barrier()
+    todo = missing[rank::world]  # resumable, and the work stays even across ranks
+    for k in tqdm(todo, desc=f"rank {rank} shards", disable=rank != 0):
+        part = pairs[k * args.shard_size:(k + 1) * args.shard_size]
+        latents, texts = [], []
+        for i in range(0, len(part), args.encode_batch):
+            batch = part[i:i + args.encode_batch]
+            try:
+                images = torch.stack([transform(Image.open(path).convert("RGB")) for path, _ in batch])
+            except OSError as e:
+                raise SystemExit(f"error: --data {args.data}: cannot read an image ({e})")
+            latents.append(encode_images(vae, images.to(device)).to(torch.bfloat16).cpu())
+            embeddings, mask = encode_text([caption for _, caption in batch])
+            texts += [e[m.bool()].to(torch.bfloat16).cpu() for e, m in zip(embeddings, mask.to(embeddings.device))]
+        lengths = torch.tensor([len(t) for t in texts])
+        padded = torch.zeros(len(texts), int(lengths.max()), texts[0].shape[-1], dtype=torch.bfloat16)
+        for row, t in zip(padded, texts):
+            row[:len(t)] = t
+        save_atomic({"latents": torch.cat(latents), "text": padded, "text_lengths": lengths},
+                    os.path.join(args.cache, f"shard_{k:05d}.pt"))
+    if rank == 0:  # the unconditional input: the empty prompt, as encoded by the same encoder
+        embeddings, mask = encode_text([""])
+        save_atomic({"text": embeddings[0][mask[0].bool()].to(torch.bfloat16).cpu()},
+                    os.path.join(args.cache, "null.pt"))
+    if world > 1:
+        dist.barrier()  # every rank's shards are on disk
+    if rank == 0:
+        meta = {**settings, "shards": len(shards), "grid": [args.resolution // 16] * 2}
+        with open(os.path.join(args.cache, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+        print(f"wrote {len(shards)} shards for {len(pairs)} pairs to {args.cache}")
+
+
+class Cache:
+    """The precomputed shards, memory-mapped: a 20B run's cache is far larger than RAM, and each
+    rank reads only the rows it draws."""
+
+    def __init__(self, folder):
+        meta_path = os.path.join(folder, "meta.json")
+        if not os.path.isfile(meta_path):
+            raise SystemExit(f"error: --cache {folder}: no meta.json; run --precompute first")
+        self.meta = json.load(open(meta_path))
+        paths = sorted(glob.glob(os.path.join(folder, "shard_*.pt")))
+        if len(paths) != self.meta["shards"]:
+            raise SystemExit(f"error: --cache {folder}: {len(paths)} of {self.meta['shards']} shards; "
+                             f"finish --precompute")
+        try:
+            self.shards = [torch.load(p, mmap=True) for p in paths]
+            self.null = torch.load(os.path.join(folder, "null.pt"))["text"]
+        except Exception as e:
+            raise SystemExit(f"error: --cache {folder}: unreadable ({type(e).__name__}: {e})")
+        self.rows = [(s, i) for s, shard in enumerate(self.shards) for i in range(len(shard["latents"]))]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def batch(self, index, drop, device):
+        """Rows `index` → (latents (B, L, 64) fp32, text (B, S, D), text_mask (B, S)); where `drop`
+        is True the caption is replaced by the empty prompt (so the model keeps an unconditional mode)."""
+        latents, texts = [], []
+        for i, dropped in zip(index.tolist(), drop.tolist()):
+            shard, row = self.rows[i]
+            shard = self.shards[shard]
+            latents.append(shard["latents"][row])
+            texts.append(self.null if dropped else shard["text"][row, :shard["text_lengths"][row]])
+        text, text_mask = pad(texts)
+        return torch.stack(latents).to(device).float(), text.to(device), text_mask.to(device)
+
+
+def pad(texts):
+    """[(S_i, D)] → (B, max S_i, D) zero-padded and the (B, max S_i) mask of real tokens."""
+    length = max(len(t) for t in texts)
+    text = torch.zeros(len(texts), length, texts[0].shape[-1], dtype=texts[0].dtype)
+    mask = torch.zeros(len(texts), length, dtype=torch.long)
+    for i, t in enumerate(texts):
+        text[i, :len(t)], mask[i, :len(t)] = t, 1
+    return text, mask
+
+
+# ----------------------------------------------------------------------------------------------
 # The model: Qwen-Image's transformer + a target-time embedder
 # ----------------------------------------------------------------------------------------------
 class TwinFlowQwenImageTransformer(QwenImageTransformer2DModel):
@@ -352,206 +552,6 @@ def plan(args, config=None, verbose=True):
               "scaled;\n  weights and optimizer: exact counts. An estimate: the real peak also depends on "
               "the allocator.")
     return result
-
-
-# ----------------------------------------------------------------------------------------------
-# Stage 1: image–caption pairs → packed VAE latents and text embeddings, in shards
-# ----------------------------------------------------------------------------------------------
-IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".webp")
-
-
-def read_pairs(path):
-    """→ [(image path, caption)] from a folder (captions in same-named .txt files) or a JSONL manifest."""
-    if path.endswith(".jsonl"):
-        if not os.path.isfile(path):
-            raise SystemExit(f"error: --data {path}: no such file")
-        pairs = []
-        for number, line in enumerate(open(path), 1):
-            if line.strip():
-                try:
-                    item = json.loads(line)
-                    pairs.append((os.path.join(os.path.dirname(path), item["image"]), str(item["caption"])))
-                except (ValueError, KeyError, TypeError) as e:
-                    raise SystemExit(f"error: --data {path}: line {number} is not "
-                                     f'{{"image": ..., "caption": ...}} ({type(e).__name__}: {e})')
-    elif os.path.isdir(path):
-        images = sorted(p for p in glob.glob(os.path.join(path, "*")) if p.lower().endswith(IMAGE_TYPES))
-        pairs = []
-        for image in images:
-            caption = os.path.splitext(image)[0] + ".txt"
-            if not os.path.isfile(caption):
-                raise SystemExit(f"error: --data {path}: {os.path.basename(image)} has no caption file "
-                                 f"{os.path.basename(caption)}")
-            pairs.append((image, open(caption).read().strip()))
-    else:
-        raise SystemExit(f"error: --data {path}: neither a folder nor a .jsonl file")
-    if not pairs:
-        raise SystemExit(f"error: --data {path}: no image–caption pairs found")
-    return pairs
-
-
-def load_text_encoder(name, device, max_text_len):
-    """captions → (embeddings (B, S, 3584), mask (B, S)) with Qwen-Image's own encode_prompt
-    (Qwen2.5-VL, its prompt template, the template tokens dropped). The tests swap in a stand-in."""
-    try:
-        pipe = QwenImagePipeline.from_pretrained(name, transformer=None, vae=None, torch_dtype=torch.bfloat16)
-    except Exception as e:
-        raise SystemExit(f"error: --model {name}: cannot load the text encoder ({type(e).__name__})")
-    pipe.text_encoder.to(device)
-
-    def encode(captions):
-        embeddings, mask = pipe.encode_prompt(captions, device=device, max_sequence_length=max_text_len)
-        return embeddings, torch.ones(embeddings.shape[:2], dtype=torch.long) if mask is None else mask
-    return encode
-
-
-def load_vae(name, device):
-    try:
-        vae = AutoencoderKLQwenImage.from_pretrained(name, subfolder="vae")
-    except Exception as e:
-        raise SystemExit(f"error: --model {name}: cannot load the Qwen-Image VAE ({type(e).__name__})")
-    return vae.to(device).eval().requires_grad_(False)
-
-
-def latent_statistics(vae, like):
-    """The per-channel mean and std the pipeline normalises latents with, shaped (1, C, 1, 1, 1)."""
-    shape = (1, vae.config.z_dim, 1, 1, 1)
-    return (torch.tensor(vae.config.latents_mean).view(shape).to(like),
-            torch.tensor(vae.config.latents_std).view(shape).to(like))
-
-
-@torch.no_grad()
-def encode_images(vae, images):
-    """(B, 3, H, W) in [−1, 1] → packed latents (B, H/16·W/16, 64), exactly as the pipeline lays them out."""
-    latents = vae.encode(images[:, :, None].to(vae.dtype)).latent_dist.mode()  # (B, 16, 1, H/8, W/8)
-    mean, std = latent_statistics(vae, latents)
-    latents = (latents - mean) / std
-    B, C, _, h, w = latents.shape
-    return QwenImagePipeline._pack_latents(latents, B, C, h, w)
-
-
-@torch.no_grad()
-def decode_latents(vae, latents, resolution, vae_scale_factor=8):
-    """Packed latents → images (B, 3, H, W) in [0, 1]: the pipeline's decoding."""
-    latents = QwenImagePipeline._unpack_latents(latents, resolution, resolution, vae_scale_factor).to(vae.dtype)
-    mean, std = latent_statistics(vae, latents)
-    images = vae.decode(latents * std + mean, return_dict=False)[0][:, :, 0]
-    return ((images.float() + 1) / 2).clamp(0, 1)
-
-
-def center_crop(resolution):
-    """Resize the short side to `resolution`, crop the centre, scale to [−1, 1]."""
-    return torchvision.transforms.Compose([
-        torchvision.transforms.Resize(resolution, interpolation=torchvision.transforms.InterpolationMode.BICUBIC),
-        torchvision.transforms.CenterCrop(resolution), torchvision.transforms.ToTensor(),
-        torchvision.transforms.Normalize([0.5] * 3, [0.5] * 3)])
-
-
-def save_atomic(obj, path):
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)  # a crash mid-write leaves no half-written file under the real name
-
-
-@torch.no_grad()
-def precompute(args, rank, world, device):
-    from PIL import Image
-
-    pairs = read_pairs(args.data)
-    os.makedirs(args.cache, exist_ok=True)
-    settings = {"model": args.model, "resolution": args.resolution, "max_text_len": args.max_text_len,
-                "shard_size": args.shard_size, "pairs": len(pairs)}
-    manifest = os.path.join(args.cache, "precompute.json")  # a resumed run must not mix shard layouts
-    if os.path.exists(manifest) and json.load(open(manifest)) != settings:
-        raise SystemExit(f"error: --cache {args.cache}: holds shards made with {json.load(open(manifest))}; "
-                         f"use the same settings to resume, or a new folder")
-    if rank == 0:
-        with open(manifest + ".tmp", "w") as f:
-            json.dump(settings, f)
-        os.replace(manifest + ".tmp", manifest)
-    vae, encode_text = load_vae(args.model, device), load_text_encoder(args.model, device, args.max_text_len)
-    transform = center_crop(args.resolution)
-    shards = range(math.ceil(len(pairs) / args.shard_size))
-    if world > 1:  # (rank 0 wrote the manifest)
-        dist.barrier()
-    missing = [k for k in shards if not os.path.exists(os.path.join(args.cache, f"shard_{k:05d}.pt"))]
-    if world > 1:  # every rank has listed the same missing shards before any is written
-        dist.barrier()
-    todo = missing[rank::world]  # resumable, and the work stays even across ranks
-    for k in tqdm(todo, desc=f"rank {rank} shards", disable=rank != 0):
-        part = pairs[k * args.shard_size:(k + 1) * args.shard_size]
-        latents, texts = [], []
-        for i in range(0, len(part), args.encode_batch):
-            batch = part[i:i + args.encode_batch]
-            try:
-                images = torch.stack([transform(Image.open(path).convert("RGB")) for path, _ in batch])
-            except OSError as e:
-                raise SystemExit(f"error: --data {args.data}: cannot read an image ({e})")
-            latents.append(encode_images(vae, images.to(device)).to(torch.bfloat16).cpu())
-            embeddings, mask = encode_text([caption for _, caption in batch])
-            texts += [e[m.bool()].to(torch.bfloat16).cpu() for e, m in zip(embeddings, mask.to(embeddings.device))]
-        lengths = torch.tensor([len(t) for t in texts])
-        padded = torch.zeros(len(texts), int(lengths.max()), texts[0].shape[-1], dtype=torch.bfloat16)
-        for row, t in zip(padded, texts):
-            row[:len(t)] = t
-        save_atomic({"latents": torch.cat(latents), "text": padded, "text_lengths": lengths},
-                    os.path.join(args.cache, f"shard_{k:05d}.pt"))
-    if rank == 0:  # the unconditional input: the empty prompt, as encoded by the same encoder
-        embeddings, mask = encode_text([""])
-        save_atomic({"text": embeddings[0][mask[0].bool()].to(torch.bfloat16).cpu()},
-                    os.path.join(args.cache, "null.pt"))
-    if world > 1:
-        dist.barrier()  # every rank's shards are on disk
-    if rank == 0:
-        meta = {**settings, "shards": len(shards), "grid": [args.resolution // 16] * 2}
-        with open(os.path.join(args.cache, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=2)
-        print(f"wrote {len(shards)} shards for {len(pairs)} pairs to {args.cache}")
-
-
-class Cache:
-    """The precomputed shards, memory-mapped: a 20B run's cache is far larger than RAM, and each
-    rank reads only the rows it draws."""
-
-    def __init__(self, folder):
-        meta_path = os.path.join(folder, "meta.json")
-        if not os.path.isfile(meta_path):
-            raise SystemExit(f"error: --cache {folder}: no meta.json; run --precompute first")
-        self.meta = json.load(open(meta_path))
-        paths = sorted(glob.glob(os.path.join(folder, "shard_*.pt")))
-        if len(paths) != self.meta["shards"]:
-            raise SystemExit(f"error: --cache {folder}: {len(paths)} of {self.meta['shards']} shards; "
-                             f"finish --precompute")
-        try:
-            self.shards = [torch.load(p, mmap=True) for p in paths]
-            self.null = torch.load(os.path.join(folder, "null.pt"))["text"]
-        except Exception as e:
-            raise SystemExit(f"error: --cache {folder}: unreadable ({type(e).__name__}: {e})")
-        self.rows = [(s, i) for s, shard in enumerate(self.shards) for i in range(len(shard["latents"]))]
-
-    def __len__(self):
-        return len(self.rows)
-
-    def batch(self, index, drop, device):
-        """Rows `index` → (latents (B, L, 64) fp32, text (B, S, D), text_mask (B, S)); where `drop`
-        is True the caption is replaced by the empty prompt (so the model keeps an unconditional mode)."""
-        latents, texts = [], []
-        for i, dropped in zip(index.tolist(), drop.tolist()):
-            shard, row = self.rows[i]
-            shard = self.shards[shard]
-            latents.append(shard["latents"][row])
-            texts.append(self.null if dropped else shard["text"][row, :shard["text_lengths"][row]])
-        text, text_mask = pad(texts)
-        return torch.stack(latents).to(device).float(), text.to(device), text_mask.to(device)
-
-
-def pad(texts):
-    """[(S_i, D)] → (B, max S_i, D) zero-padded and the (B, max S_i) mask of real tokens."""
-    length = max(len(t) for t in texts)
-    text = torch.zeros(len(texts), length, texts[0].shape[-1], dtype=texts[0].dtype)
-    mask = torch.zeros(len(texts), length, dtype=torch.long)
-    for i, t in enumerate(texts):
-        text[i, :len(t)], mask[i, :len(t)] = t, 1
-    return text, mask
 
 
 # ----------------------------------------------------------------------------------------------
