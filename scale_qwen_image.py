@@ -116,6 +116,12 @@ def parse_args(argv=None):
                  "max_text_len"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    try:
+        assert all(int(k) >= 1 for k in args.nfe.split(","))
+    except (ValueError, AssertionError):
+        parser.error(f"--nfe {args.nfe}: comma-separated step counts of at least 1, e.g. 1,2,4")
+    if args.sample and not any(p.strip() for p in args.prompts.split("|")):
+        parser.error("--prompts: give at least one prompt (separate several with |)")
     if args.plan is not None and args.plan < 1:
         parser.error(f"--plan {args.plan}: the number of GPUs must be at least 1")
     return args

@@ -268,7 +268,9 @@ def test_bad_input_is_a_one_line_error(assets, cache, tmp_path, capsys):
         assert message in str(error.value) and "\n" not in str(error.value), (argv, error.value)
     for argv, message in ((["--resolution", "40", "--plan", "1"], "multiple of 16"),
                           (["--precompute", "--data", "x"], "needs --data and --cache"),
-                          (["--cache", str(cache), "--batch", "2"], "at least 4")):
+                          (["--cache", str(cache), "--batch", "2"], "at least 4"),
+                          (["--sample", "--ckpt", "x", "--nfe", "1,two"], "--nfe 1,two"),
+                          (["--sample", "--ckpt", "x", "--prompts", " | "], "at least one prompt")):
         with pytest.raises(SystemExit) as error:
             sq.main(flags(assets, *argv))
         assert error.value.code == 2 and message in capsys.readouterr().err.splitlines()[-1]
