@@ -195,7 +195,7 @@ def load_text_encoder(name, device, max_text_len):
     """captions → (embeddings (B, S, 3584), mask (B, S)) with Qwen-Image's own encode_prompt
     (Qwen2.5-VL, its prompt template, the template tokens dropped). The tests swap in a stand-in."""
     try:
-        pipe = QwenImagePipeline.from_pretrained(name, transformer=None, vae=None, torch_dtype=torch.bfloat16)
+        pipe = QwenImagePipeline.from_pretrained(name, transformer=None, vae=None, dtype=torch.bfloat16)
     except Exception as e:
         raise SystemExit(f"error: --model {name}: cannot load the text encoder ({type(e).__name__})")
     pipe.text_encoder.to(device)
@@ -405,7 +405,7 @@ def load_transformer(name, dtype=torch.bfloat16):
     embedder: it starts as a copy of the t embedder (diffusers leaves missing weights empty)."""
     try:
         model, info = TwinFlowQwenImageTransformer.from_pretrained(
-            name, subfolder="transformer", torch_dtype=dtype, output_loading_info=True)
+            name, subfolder="transformer", dtype=dtype, output_loading_info=True)
     except Exception as e:  # offline, a typo, or not a Qwen-Image folder
         raise SystemExit(f"error: {name}: cannot load a Qwen-Image transformer ({type(e).__name__}: "
                          f"{str(e).splitlines()[0]})")
@@ -807,7 +807,7 @@ def sample_images(args, device):
     transformer = load_transformer(args.ckpt, dtype)
     try:
         pipe = QwenImagePipeline.from_pretrained(args.model, transformer=transformer, text_encoder=None,
-                                                 tokenizer=None, torch_dtype=dtype).to(device)
+                                                 tokenizer=None, dtype=dtype).to(device)
     except Exception as e:
         raise SystemExit(f"error: --model {args.model}: cannot load the pipeline ({type(e).__name__})")
     prompts = [p.strip() for p in args.prompts.split("|") if p.strip()]
