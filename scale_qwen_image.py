@@ -28,6 +28,9 @@ train_state.json); --export writes a diffusers folder `transformer/` that QwenIm
     transformer = TwinFlowQwenImageTransformer.from_pretrained(EXPORT, subfolder="transformer")
     pipe = QwenImagePipeline.from_pretrained("Qwen/Qwen-Image", transformer=transformer)
 (`pipe(...)` then runs the usual many-step sampler: without a target time, tt = t.)
+Ctrl-C or SIGTERM finishes the step and saves. torchrun sends SIGKILL 30 s after it forwards a
+SIGTERM, and a 20B save takes minutes: launch with `torchrun --shutdown-timeout 1800 ...` (and on
+Slurm, ask for the signal early: `sbatch --signal=TERM@900`).
 """
 import argparse
 import copy
@@ -53,7 +56,7 @@ from tqdm import tqdm
 from common import sample, training_loss, update_ema
 
 # diffusers (and transformers, which its Qwen-Image pipeline imports) are needed by every stage
-from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel  # noqa: E402
+from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -61,7 +64,8 @@ from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransf
 METHODS = ("flow", "rcgm", "twinflow")
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="Qwen/Qwen-Image", help="hub id or local diffusers pipeline folder")
-parser.add_argument("--plan", type=int, metavar="N_GPUS", help="print the memory budget per GPU and exit")
+parser.add_argument("--plan", type=int, metavar="N_GPUS",
+                    help="print the memory budget per GPU for N GPUs sharing the global --batch, and exit")
 parser.add_argument("--gpu-memory", type=float, default=80, help="--plan: GiB per GPU")
 parser.add_argument("--precompute", action="store_true", help="stage 1: encode --data into --cache")
 parser.add_argument("--data", help="image folder with .txt captions, or a .jsonl manifest")
@@ -97,7 +101,7 @@ parser.add_argument("--prompts", default="a red fox in fresh snow|a bowl of rame
                     help="--sample: prompts separated by |")
 parser.add_argument("--nfe", default="1,2,4", help="--sample: the NFEs of the TwinFlow sampler")
 parser.add_argument("--pipeline-steps", type=int, default=50,
-                    help="--sample: also the pipeline's own sampler with this many steps (0: skip)")
+                    help="--sample: also the pipeline's own sampler, this many steps, no CFG (0: skip)")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
 
@@ -110,20 +114,18 @@ def parse_args(argv=None):
         parser.error("--precompute needs --data and --cache")
     if args.sample and not args.ckpt:
         parser.error("--sample needs --ckpt EXPORT_DIR (written by --export)")
+    if args.plan is not None and args.plan < 1:
+        parser.error(f"--plan {args.plan}: the number of GPUs must be at least 1")
     if not (args.plan or args.precompute or args.export or args.sample or args.cache):
         parser.error("training needs --cache (written by --precompute)")
     for name in ("train_steps", "batch", "ckpt_every", "log_every", "shard_size", "encode_batch", "keep",
                  "max_text_len"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    try:
-        assert all(int(k) >= 1 for k in args.nfe.split(","))
-    except (ValueError, AssertionError):
+    if not all(k.strip().isdigit() and int(k) >= 1 for k in args.nfe.split(",")):
         parser.error(f"--nfe {args.nfe}: comma-separated step counts of at least 1, e.g. 1,2,4")
     if args.sample and not any(p.strip() for p in args.prompts.split("|")):
         parser.error("--prompts: give at least one prompt (separate several with |)")
-    if args.plan is not None and args.plan < 1:
-        parser.error(f"--plan {args.plan}: the number of GPUs must be at least 1")
     return args
 
 
@@ -377,12 +379,13 @@ class TwinFlowQwenImageTransformer(QwenImageTransformer2DModel):
         # that forward() stores for the length of the call (so only a call through forward() sees tt).
         self.time_text_embed.register_forward_hook(self._add_target_time)
 
-    def forward(self, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None, timestep=None,
+    def forward(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask=None, timestep=None,
                 *args, target_timestep=None, **kwargs):
         """QwenImageTransformer2DModel.forward, plus target_timestep (B,) (default: tt = timestep).
         Pass the times in fp32. The jump t − tt is taken before anything is rounded: in bf16 (8 bits)
         the multi-step part's short jumps, tt = t(1 − 0.05u), would often round to exactly 0. So under
-        FSDP2 this root casts no inputs; it casts the latents and text to its compute dtype here."""
+        FSDP2 this root casts no inputs; it casts the latents and text to its compute dtype here.
+        (The times pass to the hook through self._times: one call at a time, not re-entrant.)"""
         dtype = self.img_in.weight.dtype  # bf16 under FSDP2 mixed precision (gathered weights)
         if target_timestep is not None:
             self._times = (timestep.float(), target_timestep.float())
@@ -529,7 +532,7 @@ def plan(args, config=None, verbose=True):
     adam_step = 4 * trainable / n_gpus  # AdamW's foreach temporaries, while the activations are freed
     total_ckpt = static + max(in_flight + act_ckpt, adam_step)
     total_full = static + max(in_flight + act_full, adam_step)
-    host = 2 * params * (2 if args.ema else 1)  # per rank, while loading: the whole bf16 model (twice with EMA)
+    host = 2 * params  # per rank, while loading: the whole bf16 model (the EMA loads after it is sharded)
     result = {"parameters": params, "trainable": trainable, "block": block, "root": root, "rows": rows,
               "activations_checkpointed": act_ckpt, "activations_full": act_full, "adam_step": adam_step,
               "total_checkpointed": total_ckpt, "total_full": total_full, "host_per_rank": host,
@@ -550,8 +553,8 @@ def plan(args, config=None, verbose=True):
             verdict = "fits" if value <= 0.9 * args.gpu_memory * GiB else "does NOT fit"
             print(f"  total {name:<54} {value / GiB:8.1f} GiB: {verdict} in {args.gpu_memory:g} GiB "
                   f"(10% kept for the CUDA context and fragmentation)")
-        print(f"\n  Host RAM while loading: every rank holds the whole model in bf16 once{' (twice: --ema)' if args.ema else ''}, "
-              f"{host / GiB:.0f} GiB per rank ({8 * host / GiB:.0f} GiB for 8 ranks on a node).")
+        print(f"\n  Host RAM while loading (computed, an upper bound): every rank holds the whole model in bf16, "
+              f"{host / GiB:.0f} GiB per rank, times the ranks on a node.")
         if args.batch // n_gpus < 4:
             print(f"  Warning: --batch {args.batch} gives {args.batch // n_gpus} per GPU; training needs at least 4.")
         print("  Activations: autograd's saved tensors of this block measured on CPU at a small size and "
@@ -645,9 +648,11 @@ def read_train_state(path):
         raise SystemExit(f"error: {path}: not a checkpoint of this script ({type(e).__name__}: {e})")
 
 
-def load_checkpoint(path, model, ema, opt, rank, world):
+def load_checkpoint(path, model, ema, opt, rank, world, method):
     """Load the shards of `path` into the (sharded) model, EMA and optimizer; any world size."""
     state = read_train_state(path)
+    if state["config"]["method"] != method:
+        raise SystemExit(f"error: --resume {path}: trained with --method {state['config']['method']}, not {method}")
     if state["ema"] != (ema is not None):
         raise SystemExit(f"error: --resume {path}: saved {'with' if state['ema'] else 'without'} an EMA; "
                          f"set --ema accordingly")
@@ -685,13 +690,14 @@ def train(args, rank, world, device):
     model = build(args, world, device)
     ema = build(args, world, device, for_ema=True) if args.ema > 0 else None
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0)
-    step, logs = 0, []
+    step, logs, last_saved = 0, [], None  # last_saved: (step, path) of the newest checkpoint on disk
     torch.manual_seed(args.seed + 1000 * rank)  # each rank draws its own batches and noise
     if args.resume:
         found = checkpoint_dirs(args.out)
         if not found:
             raise SystemExit(f"error: --resume: no checkpoint in {args.out}/checkpoints")
-        step, logs = load_checkpoint(found[-1], model, ema, opt, rank, world)
+        step, logs = load_checkpoint(found[-1], model, ema, opt, rank, world, args.method)
+        last_saved = (step, found[-1])
     velocity = velocity_fn(model, cache.meta["grid"])
     target_model = velocity_fn(ema, cache.meta["grid"]) if ema is not None else velocity
     null_text = cache.null.to(device)
@@ -707,7 +713,7 @@ def train(args, rank, world, device):
                total=args.train_steps)
     # Ctrl-C, or a scheduler's SIGTERM before preemption, finishes the current step, then saves:
     # never half an optimizer update.
-    interrupted, saved = [], None
+    interrupted = []
     previous_handlers = {sig: signal.signal(sig, lambda *_: interrupted.append(True))
                          for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -742,15 +748,15 @@ def train(args, rank, world, device):
                 logs.append({"step": step, **{k: v.item() / world for k, v in terms.items()}})
                 bar.set_postfix(loss=f"{logs[-1]['loss']:.4f}", refresh=False)
             if (step + 1) % args.ckpt_every == 0:
-                saved = (step + 1, save_checkpoint(args, model, ema, opt, step + 1, logs, rank, world))
+                last_saved = (step + 1, save_checkpoint(args, model, ema, opt, step + 1, logs, rank, world))
         else:
             step = max(step, args.train_steps)  # (a resumed run may already be past --train-steps)
     finally:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
     # (every rank decides from the same counter: a collective save entered by some ranks only would hang)
-    if saved and saved[0] == step:  # just saved by --ckpt-every: not twice
-        path = saved[1]
+    if last_saved and last_saved[0] == step:  # already on disk (--ckpt-every, or a resume at the end): not twice
+        path = last_saved[1]
     else:
         path = save_checkpoint(args, model, ema, opt, step, logs, rank, world)
     if interrupted and step < args.train_steps:
@@ -824,7 +830,9 @@ def sample_images(args, device):
         latents = sample(velocity, noise, steps=nfe, style="few", stochastic_ratio=1.0 if nfe > 1 else 0.0,
                          gap=GAPS.get(nfe, (0.001, 0.0)), text=text, text_mask=text_mask)
         written[f"nfe{nfe}"] = decode_latents(pipe.vae, latents, args.resolution, pipe.vae_scale_factor).cpu()
-    if args.pipeline_steps:  # the pipeline's own flow-matching sampler (tt = t): the many-step reference
+    # The pipeline's own flow-matching sampler (tt = t), the many-step reference. No CFG: training with
+    # κ > 0 baked guidance into the model, and guiding again would count it twice.
+    if args.pipeline_steps:
         images = pipe(prompt_embeds=text, prompt_embeds_mask=text_mask, height=args.resolution,
                       width=args.resolution, num_inference_steps=args.pipeline_steps, output_type="pt",
                       latents=noise).images

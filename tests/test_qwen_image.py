@@ -247,7 +247,7 @@ def test_a_jsonl_manifest_reads_the_same_pairs_as_the_folder(assets):
     assert [(os.path.abspath(p), c) for p, c in folder] == [(os.path.abspath(p), c) for p, c in manifest]
 
 
-def test_bad_input_is_a_one_line_error(assets, cache, tmp_path, capsys):
+def test_bad_input_is_a_one_line_error(assets, cache, trained, tmp_path, capsys):
     cases = [
         (["--precompute", "--data", str(tmp_path / "nope"), "--cache", str(tmp_path / "c")], "neither a folder"),
         (["--precompute", "--data", str(tmp_path / "nope.jsonl"), "--cache", str(tmp_path / "c")], "no such file"),
@@ -255,6 +255,8 @@ def test_bad_input_is_a_one_line_error(assets, cache, tmp_path, capsys):
         (["--resume", "--cache", str(cache), "--out", str(tmp_path / "fresh")], "no checkpoint"),
         (["--export", str(tmp_path / "e"), "--out", str(tmp_path / "fresh")], "no checkpoint"),
         (["--sample", "--ckpt", str(tmp_path / "nope")], "cannot load a Qwen-Image transformer"),
+        (["--resume", "--cache", str(cache), "--out", str(assets / "split"), "--ema", "0.9", "--method", "rcgm",
+          "--train-steps", "4"], "trained with --method twinflow"),
     ]
     (tmp_path / "bad.jsonl").write_text('{"image": "a.png"}\n')
     cases.append((["--precompute", "--data", str(tmp_path / "bad.jsonl"), "--cache", str(tmp_path / "c")], "line 1"))
@@ -270,6 +272,8 @@ def test_bad_input_is_a_one_line_error(assets, cache, tmp_path, capsys):
                           (["--precompute", "--data", "x"], "needs --data and --cache"),
                           (["--cache", str(cache), "--batch", "2"], "at least 4"),
                           (["--sample", "--ckpt", "x", "--nfe", "1,two"], "--nfe 1,two"),
+                          (["--sample", "--ckpt", "x", "--nfe", "0,-3"], "--nfe 0,-3"),
+                          (["--plan", "0"], "--plan 0"),
                           (["--sample", "--ckpt", "x", "--prompts", " | "], "at least one prompt")):
         with pytest.raises(SystemExit) as error:
             sq.main(flags(assets, *argv))
@@ -292,13 +296,16 @@ def trained(assets, cache):
     return whole, resumed
 
 
-def test_resume_continues_exactly(assets, trained):
+def test_resume_continues_exactly(assets, cache, trained):
     whole, resumed = trained
     assert [log["step"] for log in whole] == [0, 1, 2]
     assert all(np.isfinite(log["loss"]) and {"base", "adv", "rectify"} <= set(log) for log in whole)
     assert resumed == whole  # the logs of steps 0, 1 (saved) and 2 (after the restart) all match
     steps = [os.path.basename(p) for p in sq.checkpoint_dirs(str(assets / "split"))]
     assert steps == ["step_0000002", "step_0000003"]  # --keep 2, complete directories only
+    mtime = os.path.getmtime(assets / "split" / "checkpoints" / "step_0000003" / "train_state.json")
+    assert sq.main(train_flags(assets, cache, assets / "split", 3, "--ema", "0.9", "--resume")) == whole
+    assert os.path.getmtime(assets / "split" / "checkpoints" / "step_0000003" / "train_state.json") == mtime
     state = json.loads((assets / "split" / "checkpoints" / "step_0000003" / "train_state.json").read_text())
     assert state["step"] == 3 and state["ema"] and state["transformer_config"]["num_layers"] == 2
 
@@ -405,6 +412,11 @@ def test_two_rank_fsdp2_trains_saves_shards_resumes_exactly_and_exports(assets, 
     torchrun([*common, "--out", str(tmp_path / "resumed"), "--train-steps", "3", "--resume"], free_port())
     resumed = json.load(open(os.path.join(sq.checkpoint_dirs(str(tmp_path / "resumed"))[-1], "train_state.json")))
     assert resumed["logs"] == whole["logs"]
+    # a 2-rank checkpoint resumes in one process, without FSDP
+    logs = sq.main(["--model", str(assets / "model"), "--cache", str(cache), "--batch", "8", "--device", "cpu",
+                    "--log-every", "1", "--ema", "0.9", "--out", str(tmp_path / "resumed"), "--train-steps", "4",
+                    "--resume"])
+    assert [log["step"] for log in logs] == [0, 1, 2, 3] and logs[:3] == whole["logs"]
     # the sharded checkpoint becomes one consolidated folder, in one process
     folder = sq.main(["--export", str(tmp_path / "export"), "--out", str(tmp_path / "whole")])
     transformer = sq.TwinFlowQwenImageTransformer.from_pretrained(os.path.dirname(folder), subfolder="transformer")
