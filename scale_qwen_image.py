@@ -6,7 +6,7 @@ exactly the pretrained model), captions and images are encoded once (--precomput
 only the transformer, every block is sharded across GPUs with FSDP2 (`fully_shard`), blocks recompute
 their activations in backward, and checkpoints are sharded (torch.distributed.checkpoint).
 
-    # 0. what fits where, before renting anything (no download, no GPU)
+    # 0. what fits where, before renting anything (fetches only config.json; no GPU)
     python scale_qwen_image.py --plan 8
     # 1. encode captions (Qwen2.5-VL) and images (the Qwen-Image VAE) once; one shard per rank at a time
     torchrun --nproc_per_node 8 scale_qwen_image.py --precompute --data /data/pairs.jsonl --cache /data/qwen_cache
