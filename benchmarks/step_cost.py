@@ -4,6 +4,7 @@
     python benchmarks/step_cost.py --model mlp --batch 512   # the toy_2d.py MLP
     python benchmarks/step_cost.py --model unet --batch 32   # cifar_twinflow.py's UNet (--unet-preset cpu|gpu)
     python benchmarks/step_cost.py --model dit --dit S/2 --batch 16   # imagenet_twinflow.py's transformer
+    python benchmarks/step_cost.py --model qwen --batch 8     # a 2-block Qwen-Image-shaped transformer
     python benchmarks/step_cost.py --device cuda --bf16 --compile --model unet --unet-preset gpu --batch 128
 
 A step is everything a training loop does: loss (with its no-grad EMA/target passes), backward,
@@ -31,10 +32,13 @@ import imagenet_twinflow  # noqa: E402  (its transformer)
 from toy_2d import MLP, pick_device  # noqa: E402  (the toy's MLP and device choice)
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--model", default="conv", choices=["conv", "mlp", "unet", "dit"])
+parser.add_argument("--model", default="conv", choices=["conv", "mlp", "unet", "dit", "qwen"])
 parser.add_argument("--unet-preset", default="cpu", choices=["cpu", "gpu"], help="size of the CIFAR UNet")
 parser.add_argument("--dit", default="S/2", choices=["S/2", "B/2", "L/2", "XL/2"],
                     help="size of imagenet_twinflow.py's transformer, on 4×32×32 latents (256 px)")
+parser.add_argument("--qwen-layers", type=int, default=2,
+                    help="blocks of scale_qwen_image.py's transformer (4 heads of 128, text width 3584; "
+                         "256 px latents, 64 caption tokens)")
 parser.add_argument("--compile", action="store_true", help="torch.compile the model being trained")
 parser.add_argument("--batch", type=int, default=64)
 parser.add_argument("--width", type=int, default=64, help="channels (conv) or hidden units (mlp)")
@@ -89,6 +93,22 @@ def build(args, device):
         x = torch.randn(args.batch, 4, 32, 32, device=device)
         y = torch.randint(0, 1000, (args.batch,), device=device)
         cond, null_cond = {"y": y}, {"y": torch.full_like(y, 1000)}
+    elif args.model == "qwen":  # text-conditional; the empty prompt is the null condition
+        import scale_qwen_image  # (diffusers and transformers: imported only here)
+
+        class Qwen(nn.Module):  # common.py's contract around the transformer
+            def __init__(self):
+                super().__init__()
+                self.transformer = scale_qwen_image.TwinFlowQwenImageTransformer(
+                    num_layers=args.qwen_layers, num_attention_heads=4)
+
+            def forward(self, x_t, t, tt, text, text_mask):
+                return scale_qwen_image.velocity_fn(self.transformer, (16, 16))(x_t, t, tt, text, text_mask)
+        model = Qwen().to(device)
+        x = torch.randn(args.batch, 16 * 16, 64, device=device)
+        text = lambda n: torch.randn(args.batch, n, 3584, device=device)  # noqa: E731
+        ones = lambda n: torch.ones(args.batch, n, dtype=torch.long, device=device)  # noqa: E731
+        cond, null_cond = {"text": text(64), "text_mask": ones(64)}, {"text": text(5), "text_mask": ones(5)}
     else:
         model = MLP(args.width).to(device)
         x, cond, null_cond = torch.randn(args.batch, 2, device=device), {}, None
@@ -151,7 +171,8 @@ def main(argv=None):
     device = pick_device(args.device)
     rows = [("flow", True, 0.0), ("rcgm", True, 0.0), ("twinflow", True, 0.0), ("twinflow", False, 0.0),
             ("flow", True, 0.5), ("twinflow", True, 0.5)]
-    size = {"unet": f"preset {args.unet_preset}", "dit": args.dit}.get(args.model, f"width {args.width}")
+    size = {"unet": f"preset {args.unet_preset}", "dit": args.dit,
+            "qwen": f"{args.qwen_layers} blocks"}.get(args.model, f"width {args.width}")
     print(f"device {device}, model {args.model} ({size}), batch {args.batch}, "
           f"bf16 {args.bf16}, compile {args.compile}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     results = {}

@@ -10,11 +10,11 @@ step_cost = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(step_cost)
 
 
-@pytest.mark.parametrize("model,rows", [("conv", 6), ("mlp", 4), ("unet", 6), ("dit", 6)])  # the MLP has no classes: no κ rows
+@pytest.mark.parametrize("model,rows", [("conv", 6), ("mlp", 4), ("unet", 6), ("dit", 6), ("qwen", 6)])  # the MLP has no classes: no κ rows
 def test_step_cost_measures_every_row(model, rows, monkeypatch):
     monkeypatch.setitem(step_cost.imagenet_twinflow.MODELS, "S/2", (1, 32, 2))  # a 1-block DiT, for speed
     results = step_cost.main(["--model", model, "--batch", "8", "--width", "8", "--steps", "1",
-                              "--warmup", "0", "--device", "cpu"])
+                              "--warmup", "0", "--device", "cpu", "--qwen-layers", "1"])
     assert len(results) == rows
     for r in results.values():
         assert r["ms"] > 0 and r["saved_mb"] > 0
