@@ -1,0 +1,211 @@
+"""Why does TwinFlow not beat RCGM on the 2D toys? Two measured causes, one run.
+
+L_rectify moves each one-step sample along Δv = F(x_τ, −τ) − F(x_τ, τ), the fake minus the real
+velocity. Whether that helps depends on two things, and this script measures both on 8 Gaussians
+(or --target), with toy_2d.py's MLP, data, budget and metric:
+
+1. The leverage of L_rectify. On the one-step part the base target is sg(F) − clamp(ρ) with
+   ρ = (F − F*)/Δt (t − tt = 1, Δt = 0.01): any one-step output further than 0.01 from the
+   consistency target F* gets the full clamped pull, whatever L_rectify says. The variant "direct"
+   replaces, on the one-step part only, that residual by plain regression onto F*: ‖F − sg(F*)‖²,
+   so L_rectify's push is no longer overruled.
+2. The quality of Δv. "oracle" replaces the network's Δv by the exact one for the two empirical
+   distributions: with x_τ = τ·z + (1 − τ)·x, F(x_τ) = (x_τ − E[x | x_τ])/τ, and E[x | x_τ] over a
+   bank of points is a softmax-weighted mean (a bank of real points and a bank of the model's
+   current one-step samples). The oracle costs --bank one-step samples per step and is a
+   diagnostic, not a method: it needs the data distribution in closed form.
+
+Variants (all trained from the same init, noise stream and batches; --variants picks a subset):
+    rcgm                  common.py, method="rcgm"
+    twinflow              common.py, method="twinflow"
+    rcgm+direct           rcgm, one-step part regressed directly onto F*
+    twinflow+direct       twinflow, one-step part direct, Δv from the EMA model
+    twinflow+oracle       twinflow with the exact Δv
+    twinflow+oracle+direct
+
+It prints the SWD at 1, 4 and 100 NFE (as in toy_2d.py), the share of one-step samples whose
+clamp is inactive (|ρ| < 1) at the last training step, and, for the plain twinflow model, how well
+its learned Δv agrees with the exact one (cosine and error by τ band).
+
+    python benchmarks/toy_rectify.py                         # ~14 min on 2 CPU cores, seed 0
+    OMP_NUM_THREADS=1 python benchmarks/toy_rectify.py --seed 1 --out out/toy_rectify_s1.json
+The numbers in README's toy section are this script's output (seeds 0, 1, 2).
+"""
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import common  # noqa: E402  (the variants swap two of its functions, see patched())
+import toy_2d  # noqa: E402
+from common import interpolate, per_sample_mse, predict, sample  # noqa: E402
+
+VARIANTS = ("rcgm", "twinflow", "rcgm+direct", "twinflow+direct", "twinflow+oracle", "twinflow+oracle+direct")
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--target", default="8gaussians", choices=toy_2d.TARGETS)
+parser.add_argument("--variants", default=",".join(VARIANTS))
+parser.add_argument("--train-steps", type=int, default=5000)
+parser.add_argument("--batch", type=int, default=512)
+parser.add_argument("--width", type=int, default=256)
+parser.add_argument("--bank", type=int, default=2048, help="points per bank for the exact Δv")
+parser.add_argument("--num-eval", type=int, default=20000)
+parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--out", default=None, help="also write the results to this .json")
+
+
+# ----------------------------------------------------------------------------------------------
+# The exact Δv for empirical distributions
+# ----------------------------------------------------------------------------------------------
+def posterior_mean(bank, x_tau, tau):
+    """E[x | x_τ] for x uniform over bank and x_τ = τ·z + (1 − τ)·x: weights ∝ N(x_τ; (1 − τ)x, τ²)."""
+    distance2 = (x_tau[:, None, :] - (1 - tau)[:, None, None] * bank[None]).pow(2).sum(-1)
+    return torch.softmax(-distance2 / (2 * tau[:, None] ** 2), 1) @ bank
+
+
+def exact_delta_v(real_bank, fake_bank, x_tau, tau):
+    """F_fake − F_real with F = (x_τ − E[x | x_τ])/τ, i.e. (E_real[x | x_τ] − E_fake[x | x_τ])/τ."""
+    return (posterior_mean(real_bank, x_tau, tau) - posterior_mean(fake_bank, x_tau, tau)) / tau[:, None]
+
+
+def one_step(model, n):
+    ones = torch.ones(n)
+    return predict(model, torch.randn(n, 2), ones, 0 * ones)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# The two swaps, installed for one training run
+# ----------------------------------------------------------------------------------------------
+class patched:
+    """Context manager: swap common.base_target / common.rectify_loss for the variant's versions.
+    training_loss() looks both up in common's namespace at call time, so nothing else changes."""
+
+    def __init__(self, variant, data, ema, args, stats):
+        self.variant, self.data, self.ema, self.args, self.stats = variant, data, ema, args, stats
+
+    def __enter__(self):
+        self.saved = common.base_target, common.rectify_loss
+        base_target, rectify_loss = self.saved
+
+        @torch.no_grad()
+        def base(ema_model, F, x_t, t, tt, v_star, cond, order=2):
+            target = base_target(ema_model, F, x_t, t, tt, v_star, cond, order)
+            one = (t == 1) & (tt == 0)
+            # F* = (Δt·v* + P)/(1 − 0) on the one-step part: the same EMA sub-steps as base_target.
+            x, P, t_m = x_t[one] - common.DT * v_star[one], 0, 1 - common.DT
+            for i in range(order):
+                t_c, t_n = t_m * (1 - i / order), t_m * (1 - (i + 1) / order)
+                F_ema = predict(ema_model, x, torch.full((len(x),), t_c), torch.full((len(x),), t_n))[2]
+                x, P = x - (t_c - t_n) * F_ema, P + (t_c - t_n) * F_ema
+            F_star = common.DT * v_star[one] + P
+            self.stats["unclamped"] = ((F[one] - F_star).abs() < common.DT).float().mean().item()
+            if "direct" in self.variant:
+                target[one] = F_star  # ‖F − sg(F*)‖²: no 1/Δt, no clamp
+            return target
+
+        def rectify(model, F_one_step, x_fake, cond, clamp=1.0):
+            if "oracle" not in self.variant:  # "+direct" alone: the EMA model's Δv (less noisy)
+                return rectify_loss(self.ema if "direct" in self.variant else model,
+                                    F_one_step, x_fake, cond, clamp)
+            with torch.no_grad():
+                tau = torch.rand(len(x_fake)).clamp_min(0.02)  # the bank's estimate degrades as τ → 0
+                x_tau = interpolate(x_fake, torch.randn_like(x_fake), tau)
+                real_bank = self.data[torch.randint(len(self.data), (self.args.bank,))]
+                delta_v = exact_delta_v(real_bank, one_step(model, self.args.bank), x_tau, tau)
+                delta_v = delta_v.clamp(-clamp, clamp)
+            return per_sample_mse(F_one_step, (F_one_step - delta_v).detach())
+
+        common.base_target, common.rectify_loss = base, rectify
+        return self
+
+    def __exit__(self, *exc):
+        common.base_target, common.rectify_loss = self.saved
+
+
+# ----------------------------------------------------------------------------------------------
+# Train, evaluate, compare Δv
+# ----------------------------------------------------------------------------------------------
+def train(variant, data, args):
+    torch.manual_seed(args.seed)  # the same init and noise stream for every variant
+    model = toy_2d.MLP(args.width)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    stats, method = {}, variant.split("+")[0]
+    with patched(variant, data, ema, args, stats):
+        for step in range(args.train_steps):
+            x = data[torch.randint(len(data), (args.batch,))]
+            loss, _ = common.training_loss(model, ema, x, method=method)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{variant}: loss is {loss.item()} at step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            common.update_ema(ema, model, 0.99, step)
+    return ema, stats
+
+
+@torch.no_grad()
+def delta_v_agreement(model, data, n=2000):
+    """Learned vs exact Δv at the model's own one-step samples, by τ band."""
+    real_bank, fake_bank = data[torch.randperm(len(data))[:20000]], one_step(model, 20000)
+    rows = {}
+    for lo, hi in ((0.02, 0.1), (0.1, 0.3), (0.3, 0.6), (0.6, 1.0)):
+        tau = lo + (hi - lo) * torch.rand(n)
+        x_tau = interpolate(one_step(model, n), torch.randn(n, 2), tau)
+        learned = predict(model, x_tau, -tau, -tau)[2] - predict(model, x_tau, tau, tau)[2]
+        exact = exact_delta_v(real_bank, fake_bank, x_tau, tau)
+        rows[f"tau {lo}-{hi}"] = {
+            "|exact|": exact.norm(dim=1).mean().item(), "|learned|": learned.norm(dim=1).mean().item(),
+            "|error|": (learned - exact).norm(dim=1).mean().item(),
+            "cosine": torch.nn.functional.cosine_similarity(learned, exact, dim=1).mean().item()}
+    return rows
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not variants or any(v not in VARIANTS for v in variants):
+        parser.error(f"--variants must be a comma-separated subset of {','.join(VARIANTS)}, got {args.variants!r}")
+    rng = np.random.default_rng(args.seed)  # toy_2d.py's data for this seed
+    pool = toy_2d.make_target(args.target, 100_000, rng)
+    reference = toy_2d.make_target(args.target, args.num_eval, rng)
+    mean, std = torch.from_numpy(pool.mean(0)), float(pool.std())
+    data = (torch.from_numpy(pool) - mean) / std
+    eval_noise = torch.randn(args.num_eval, 2, generator=torch.Generator().manual_seed(args.seed + 1))
+    swd = lambda x: toy_2d.swd((x * std + mean).numpy(), reference)
+
+    results = {"target": args.target, "seed": args.seed, "train_steps": args.train_steps, "variants": {}}
+    print(f"{'variant':>24} {'1 NFE':>8} {'4 NFE':>8} {'100 NFE':>8} {'|ρ|<1':>7} {'train s':>8}")
+    for variant in variants:
+        start = time.time()
+        ema, stats = train(variant, data, args)
+        row = {"nfe1": swd(sample(ema, eval_noise, steps=1)),
+               "nfe4": swd(sample(ema, eval_noise, steps=4, style="any")),
+               "nfe100": swd(sample(ema, eval_noise, steps=100, style="mul")),
+               "unclamped_share": stats.get("unclamped", float("nan")),
+               "train_seconds": round(time.time() - start, 1)}
+        if variant == "twinflow":
+            row["delta_v_agreement"] = delta_v_agreement(ema, data)
+        results["variants"][variant] = row
+        print(f"{variant:>24} {row['nfe1']:8.4f} {row['nfe4']:8.4f} {row['nfe100']:8.4f} "
+              f"{row['unclamped_share']:7.2f} {row['train_seconds']:8.1f}", flush=True)
+    if "twinflow" in results["variants"]:
+        print("\ntwinflow (EMA): learned Δv against the exact one at its one-step samples")
+        for band, r in results["variants"]["twinflow"]["delta_v_agreement"].items():
+            print(f"  {band:>12}: |exact| {r['|exact|']:.3f}  |learned| {r['|learned|']:.3f}  "
+                  f"|error| {r['|error|']:.3f}  cosine {r['cosine']:+.2f}")
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
