@@ -5,31 +5,37 @@ velocity. Whether that helps depends on two things, and this script measures bot
 (or --target), with toy_2d.py's MLP, data, budget and metric:
 
 1. The leverage of L_rectify. On the one-step part the base target is sg(F) − clamp(ρ) with
-   ρ = (F − F*)/Δt (t − tt = 1, Δt = 0.01): any one-step output further than 0.01 from the
-   consistency target F* gets the full clamped pull, whatever L_rectify says. The variant "direct"
-   replaces, on the one-step part only, that residual by plain regression onto F*: ‖F − sg(F*)‖²,
-   so L_rectify's push is no longer overruled.
-2. The quality of Δv. "oracle" replaces the network's Δv by the exact one for the two empirical
-   distributions: with x_τ = τ·z + (1 − τ)·x, F(x_τ) = (x_τ − E[x | x_τ])/τ, and E[x | x_τ] over a
-   bank of points is a softmax-weighted mean (a bank of real points and a bank of the model's
-   current one-step samples). The oracle costs --bank one-step samples per step and is a
-   diagnostic, not a method: it needs the data distribution in closed form.
+   ρ = (F − F*)/Δt (t − tt = 1, Δt = 0.01), F* the consistency target. Its gradient, 2·clamp(ρ), is
+   a spring of stiffness 1/Δt = 100 within Δt of F* and a constant pull beyond. L_rectify (weight
+   0.5, averaged over the one-step quarter of the batch: 2·Δv per sample against the base term's
+   clamp(ρ)) then moves the balance point only 2·Δt·Δv = 0.02·Δv away from F*. The "direct"
+   variants replace, on the one-step part only, that target by F* itself: ‖F − sg(F*)‖², a pull
+   1/Δt times softer near F* and a mean (not median-like) regression far from it.
+2. The quality of Δv. The "oracle" variants replace the network's Δv by a bank estimate of the
+   exact one between the data and the model's current one-step samples: with
+   x_τ = τ·z + (1 − τ)·x, F(x_τ) = (x_τ − E[x | x_τ])/τ, and E[x | x_τ] over a bank of points is a
+   softmax-weighted mean. It reads --bank data points and makes --bank one-step samples per step,
+   and has its own sampling noise: a diagnostic, not a method.
 
-Variants (all trained from the same init, noise stream and batches; --variants picks a subset):
-    rcgm                  common.py, method="rcgm"
-    twinflow              common.py, method="twinflow"
-    rcgm+direct           rcgm, one-step part regressed directly onto F*
-    twinflow+direct       twinflow, one-step part direct, Δv from the EMA model
-    twinflow+oracle       twinflow with the exact Δv
-    twinflow+oracle+direct
+Variants (the same seed and init; after the first step the random draws differ between methods,
+since twinflow and the oracle draw extra noise; --variants picks a subset):
+    rcgm                    common.py, method="rcgm"
+    twinflow                common.py, method="twinflow"
+    rcgm+direct             rcgm, the one-step part regressed onto F*
+    twinflow+direct         twinflow, the one-step part regressed onto F*, Δv from the EMA model
+    twinflow+direct+live    the same with Δv from the model being trained, as common.py does
+    twinflow+oracle         twinflow with the bank-estimated Δv
+    twinflow+oracle+direct  both changes
 
-It prints the SWD at 1, 4 and 100 NFE (as in toy_2d.py), the share of one-step samples whose
-clamp is inactive (|ρ| < 1) at the last training step, and, for the plain twinflow model, how well
-its learned Δv agrees with the exact one (cosine and error by τ band).
+It prints the SWD at 1, 4 and 100 NFE (as in toy_2d.py); the share of one-step output coordinates
+within Δt of F* at the last training step (|ρ| < 1: where the authors' clamp is inactive; for the
+direct variants, where it would be); and, for the plain twinflow model, how its learned Δv compares
+with the bank estimate at its own one-step samples (sizes, error and cosine by τ band; the learned
+Δv unclamped).
 
-    python benchmarks/toy_rectify.py                         # ~14 min on 2 CPU cores, seed 0
+    python benchmarks/toy_rectify.py                         # ~17 min on 2 CPU cores, seed 0
     OMP_NUM_THREADS=1 python benchmarks/toy_rectify.py --seed 1 --out out/toy_rectify_s1.json
-The numbers in README's toy section are this script's output (seeds 0, 1, 2).
+The numbers in README's toy section are this script's output (seeds 0, 1, 2; assets/toy_rectify/).
 """
 import argparse
 import copy
@@ -46,21 +52,22 @@ import common  # noqa: E402  (the variants swap two of its functions, see patche
 import toy_2d  # noqa: E402
 from common import interpolate, per_sample_mse, predict, sample  # noqa: E402
 
-VARIANTS = ("rcgm", "twinflow", "rcgm+direct", "twinflow+direct", "twinflow+oracle", "twinflow+oracle+direct")
+VARIANTS = ("rcgm", "twinflow", "rcgm+direct", "twinflow+direct", "twinflow+direct+live", "twinflow+oracle",
+            "twinflow+oracle+direct")
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--target", default="8gaussians", choices=toy_2d.TARGETS)
 parser.add_argument("--variants", default=",".join(VARIANTS))
 parser.add_argument("--train-steps", type=int, default=5000)
 parser.add_argument("--batch", type=int, default=512)
 parser.add_argument("--width", type=int, default=256)
-parser.add_argument("--bank", type=int, default=2048, help="points per bank for the exact Δv")
+parser.add_argument("--bank", type=int, default=2048, help="points per bank for the oracle Δv")
 parser.add_argument("--num-eval", type=int, default=20000)
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--out", default=None, help="also write the results to this .json")
 
 
 # ----------------------------------------------------------------------------------------------
-# The exact Δv for empirical distributions
+# The exact Δv between two empirical distributions (banks of points): the oracle
 # ----------------------------------------------------------------------------------------------
 def posterior_mean(bank, x_tau, tau):
     """E[x | x_τ] for x uniform over bank and x_τ = τ·z + (1 − τ)·x: weights ∝ N(x_τ; (1 − τ)x, τ²)."""
@@ -100,7 +107,8 @@ class patched:
             x, P, t_m = x_t[one] - common.DT * v_star[one], 0, 1 - common.DT
             for i in range(order):
                 t_c, t_n = t_m * (1 - i / order), t_m * (1 - (i + 1) / order)
-                F_ema = predict(ema_model, x, torch.full((len(x),), t_c), torch.full((len(x),), t_n))[2]
+                F_ema = predict(ema_model, x, torch.full((len(x),), t_c), torch.full((len(x),), t_n),
+                                **common.take(cond, one))[2]
                 x, P = x - (t_c - t_n) * F_ema, P + (t_c - t_n) * F_ema
             F_star = common.DT * v_star[one] + P
             self.stats["unclamped"] = ((F[one] - F_star).abs() < common.DT).float().mean().item()
@@ -109,9 +117,9 @@ class patched:
             return target
 
         def rectify(model, F_one_step, x_fake, cond, clamp=1.0):
-            if "oracle" not in self.variant:  # "+direct" alone: the EMA model's Δv (less noisy)
-                return rectify_loss(self.ema if "direct" in self.variant else model,
-                                    F_one_step, x_fake, cond, clamp)
+            if "oracle" not in self.variant:  # "+direct": the EMA model's Δv, "+live": the model's
+                ema_delta_v = "direct" in self.variant and "live" not in self.variant
+                return rectify_loss(self.ema if ema_delta_v else model, F_one_step, x_fake, cond, clamp)
             with torch.no_grad():
                 tau = torch.rand(len(x_fake)).clamp_min(0.02)  # the bank's estimate degrades as τ → 0
                 x_tau = interpolate(x_fake, torch.randn_like(x_fake), tau)
@@ -152,7 +160,7 @@ def train(variant, data, args):
 
 @torch.no_grad()
 def delta_v_agreement(model, data, n=2000):
-    """Learned vs exact Δv at the model's own one-step samples, by τ band."""
+    """Learned vs bank-estimated Δv at the model's own one-step samples, by τ band (20,000-point banks)."""
     real_bank, fake_bank = data[torch.randperm(len(data))[:20000]], one_step(model, 20000)
     rows = {}
     for lo, hi in ((0.02, 0.1), (0.1, 0.3), (0.3, 0.6), (0.6, 1.0)):
@@ -196,7 +204,7 @@ def main(argv=None):
         print(f"{variant:>24} {row['nfe1']:8.4f} {row['nfe4']:8.4f} {row['nfe100']:8.4f} "
               f"{row['unclamped_share']:7.2f} {row['train_seconds']:8.1f}", flush=True)
     if "twinflow" in results["variants"]:
-        print("\ntwinflow (EMA): learned Δv against the exact one at its one-step samples")
+        print("\ntwinflow (EMA): learned Δv against the bank estimate at its one-step samples")
         for band, r in results["variants"]["twinflow"]["delta_v_agreement"].items():
             print(f"  {band:>12}: |exact| {r['|exact|']:.3f}  |learned| {r['|learned|']:.3f}  "
                   f"|error| {r['|error|']:.3f}  cosine {r['cosine']:+.2f}")

@@ -13,18 +13,32 @@ toy_rectify = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(toy_rectify)
 
 
-def test_exact_delta_v_is_zero_for_equal_banks_and_points_to_the_real_bank():
+def test_bank_posterior_mean_matches_the_gaussian_closed_form_and_equal_banks_give_zero():
     torch.manual_seed(0)
-    bank, x_tau, tau = torch.randn(256, 2), torch.randn(64, 2), torch.rand(64).clamp_min(0.05)
-    assert toy_rectify.exact_delta_v(bank, bank, x_tau, tau).abs().max() < 1e-6
-    # Real data at +1, the fake samples at −1: at small τ the one-step sample should move towards +1.
-    real, fake = torch.full((8, 2), 1.0), torch.full((8, 2), -1.0)
-    x_tau, tau = torch.full((4, 2), -0.2), torch.full((4,), 0.3)
-    assert (toy_rectify.exact_delta_v(real, fake, x_tau, tau) > 0).all()
-    # Far from both at tiny τ the posterior picks the nearest bank point.
-    near = toy_rectify.posterior_mean(torch.tensor([[0.0, 0.0], [3.0, 3.0]]), torch.tensor([[2.9, 2.9]]),
-                                      torch.tensor([0.01]))
-    assert torch.allclose(near, torch.tensor([[3.0, 3.0]]))
+    scale, tau = 0.7, torch.tensor([0.2, 0.5, 0.8])
+    bank = scale * torch.randn(200_000, 2)
+    x_tau = torch.tensor([[0.5, -0.3], [1.0, 0.2], [-0.4, 0.9]])
+    # x ~ N(0, s²), x_τ = τ·z + (1 − τ)·x  →  E[x | x_τ] = (1 − τ)s² / ((1 − τ)²s² + τ²) · x_τ
+    gain = (1 - tau) * scale**2 / ((1 - tau) ** 2 * scale**2 + tau**2)
+    assert torch.allclose(toy_rectify.posterior_mean(bank, x_tau, tau), gain[:, None] * x_tau, atol=0.02)
+    small, x_tau, tau = torch.randn(256, 2), torch.randn(64, 2), torch.rand(64).clamp_min(0.05)
+    assert toy_rectify.exact_delta_v(small, small, x_tau, tau).abs().max() < 1e-6
+
+
+def test_delta_v_comes_from_the_model_the_variant_names():
+    torch.manual_seed(0)
+    model, ema = toy_2d.MLP(16), toy_2d.MLP(16).requires_grad_(False)
+    F_one, x_fake = torch.randn(8, 2, requires_grad=True), torch.randn(8, 2)
+    original = common.rectify_loss
+    expected = {}
+    for name, net in (("ema", ema), ("model", model)):
+        torch.manual_seed(1)
+        expected[name] = original(net, F_one, x_fake, {})
+    for variant, source in (("twinflow", "model"), ("twinflow+direct", "ema"), ("twinflow+direct+live", "model")):
+        with toy_rectify.patched(variant, torch.randn(100, 2), ema, None, {}):
+            torch.manual_seed(1)
+            assert torch.equal(common.rectify_loss(model, F_one, x_fake, {}), expected[source]), variant
+    assert common.rectify_loss is original
 
 
 def test_direct_one_step_target_is_the_point_base_target_is_consistent_with():
@@ -35,10 +49,12 @@ def test_direct_one_step_target_is_the_point_base_target_is_consistent_with():
     x_t, v_star = torch.randn(B, 2), torch.randn(B, 2)
     t, tt = torch.cat([torch.ones(4), torch.rand(8)]), torch.cat([torch.zeros(4), torch.rand(8) * 0.5])
     F = torch.randn(B, 2)
-    stats = {}
+    stats, original_fn = {}, common.base_target
+    with toy_rectify.patched("rcgm", torch.randn(100, 2), ema, None, stats):
+        assert torch.equal(common.base_target(ema, F, x_t, t, tt, v_star, {}), original_fn(ema, F, x_t, t, tt, v_star, {}))
     with toy_rectify.patched("rcgm+direct", torch.randn(100, 2), ema, None, stats):
         direct = common.base_target(ema, F, x_t, t, tt, v_star, {})
-    assert common.base_target.__name__ == "base_target" and "unclamped" in stats  # swapped back on exit
+    assert common.base_target is original_fn and 0 <= stats["unclamped"] <= 1  # swapped back on exit
     F_star, e = direct[:4], torch.randn(4, 2).clamp(-1, 1)
     F_near = F.clone()
     F_near[:4] = F_star + e * common.DT / 2
@@ -57,4 +73,4 @@ def test_benchmark_runs_every_variant(tmp_path):
         assert 0 <= row["unclamped_share"] <= 1
     bands = results["variants"]["twinflow"]["delta_v_agreement"]
     assert len(bands) == 4 and all(-1 <= r["cosine"] <= 1 for r in bands.values())
-    assert (common.base_target.__name__, common.rectify_loss.__name__) == ("base_target", "rectify_loss")
+    assert (common.base_target.__name__, common.rectify_loss.__name__) == ("base_target", "rectify_loss")  # restored
