@@ -33,7 +33,7 @@ direct variants, where it would be); and, for the plain twinflow model, how its 
 with the bank estimate at its own one-step samples (sizes, error and cosine by τ band; the learned
 Δv unclamped).
 
-    python benchmarks/toy_rectify.py                         # ~17 min on 2 CPU cores, seed 0
+    python benchmarks/toy_rectify.py                         # seed 0; one thread: 2.2–2.6 min per variant, 3.5–4 with the oracle
     OMP_NUM_THREADS=1 python benchmarks/toy_rectify.py --seed 1 --out out/toy_rectify_s1.json
 The numbers in README's toy section are this script's output (seeds 0, 1, 2; assets/toy_rectify/).
 """
