@@ -26,6 +26,13 @@ since twinflow and the oracle draw extra noise; --variants picks a subset):
     twinflow+direct+live    the same with Δv from the model being trained, as common.py does
     twinflow+oracle         twinflow with the bank-estimated Δv
     twinflow+oracle+direct  both changes
+    twinflow+no-rectify     twinflow with rectify_weight=0: the fake branch is trained, never used
+    rcgm+3/4-batch          rcgm on 3/4 of the batch: as many real samples per step as twinflow has
+    twinflow+two-networks   twinflow with the fake branch (t < 0) in a second MLP of its own
+    twinflow+two-networks+direct   and the direct one-step target, Δv from the EMA (as +direct)
+no-rectify, 3/4-batch and two-networks split twinflow's gap to rcgm into what L_rectify does, what
+the adversarial quarter of the batch costs the real parts, and what sharing one network with the
+fake branch costs.
 
 It prints the SWD at 1, 4 and 100 NFE (as in toy_2d.py); the share of one-step output coordinates
 within Δt of F* at the last training step (|ρ| < 1: where the authors' clamp is inactive; for the
@@ -33,7 +40,7 @@ direct variants, where it would be); and, for the plain twinflow model, how its 
 with the bank estimate at its own one-step samples (sizes, error and cosine by τ band; the learned
 Δv unclamped).
 
-    python benchmarks/toy_rectify.py                         # seed 0; one thread: 2.2–2.6 min per variant, 3.5–4 with the oracle
+    python benchmarks/toy_rectify.py                         # seed 0; one thread: 1.8–3.2 min per variant, 3.5–4 with the oracle
     OMP_NUM_THREADS=1 python benchmarks/toy_rectify.py --seed 1 --out out/toy_rectify_s1.json
 The numbers in README's toy section are this script's output (seeds 0, 1, 2; assets/toy_rectify/).
 """
@@ -53,7 +60,8 @@ import toy_2d  # noqa: E402
 from common import interpolate, per_sample_mse, predict, sample  # noqa: E402
 
 VARIANTS = ("rcgm", "twinflow", "rcgm+direct", "twinflow+direct", "twinflow+direct+live", "twinflow+oracle",
-            "twinflow+oracle+direct")
+            "twinflow+oracle+direct", "twinflow+no-rectify", "rcgm+3/4-batch", "twinflow+two-networks",
+            "twinflow+two-networks+direct")
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--target", default="8gaussians", choices=toy_2d.TARGETS)
 parser.add_argument("--variants", default=",".join(VARIANTS))
@@ -78,6 +86,22 @@ def posterior_mean(bank, x_tau, tau):
 def exact_delta_v(real_bank, fake_bank, x_tau, tau):
     """F_fake − F_real with F = (x_τ − E[x | x_τ])/τ, i.e. (E_real[x | x_τ] − E_fake[x | x_τ])/τ."""
     return (posterior_mean(real_bank, x_tau, tau) - posterior_mean(fake_bank, x_tau, tau)) / tau[:, None]
+
+
+class TwoNetworks(torch.nn.Module):
+    """The fake branch in a network of its own: t > 0 goes to .real, t < 0 to .fake. A diagnostic:
+    TwinFlow's point is ONE network; this measures what sharing it costs the real branch."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.real, self.fake = toy_2d.MLP(width), toy_2d.MLP(width)  # .real first: the same init as MLP
+
+    def forward(self, x_t, t, tt):
+        fake = t < 0
+        F = torch.zeros_like(x_t)
+        F[~fake] = self.real(x_t[~fake], t[~fake], tt[~fake])
+        F[fake] = self.fake(x_t[fake], t[fake], tt[fake])
+        return F
 
 
 def one_step(model, n):
@@ -140,14 +164,16 @@ class patched:
 # ----------------------------------------------------------------------------------------------
 def train(variant, data, args):
     torch.manual_seed(args.seed)  # the same init and noise stream for every variant
-    model = toy_2d.MLP(args.width)
+    model = TwoNetworks(args.width) if "two-networks" in variant else toy_2d.MLP(args.width)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     stats, method = {}, variant.split("+")[0]
+    batch = args.batch * 3 // 4 if "3/4-batch" in variant else args.batch
+    rectify_weight = 0.0 if "no-rectify" in variant else 0.5  # 0.5: common.py's default
     with patched(variant, data, ema, args, stats):
         for step in range(args.train_steps):
-            x = data[torch.randint(len(data), (args.batch,))]
-            loss, _ = common.training_loss(model, ema, x, method=method)
+            x = data[torch.randint(len(data), (batch,))]
+            loss, _ = common.training_loss(model, ema, x, method=method, rectify_weight=rectify_weight)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{variant}: loss is {loss.item()} at step {step}")
             opt.zero_grad(set_to_none=True)
@@ -189,7 +215,7 @@ def main(argv=None):
     swd = lambda x: toy_2d.swd((x * std + mean).numpy(), reference)
 
     results = {"target": args.target, "seed": args.seed, "train_steps": args.train_steps, "variants": {}}
-    print(f"{'variant':>24} {'1 NFE':>8} {'4 NFE':>8} {'100 NFE':>8} {'|ρ|<1':>7} {'train s':>8}")
+    print(f"{'variant':>28} {'1 NFE':>8} {'4 NFE':>8} {'100 NFE':>8} {'|ρ|<1':>7} {'train s':>8}")
     for variant in variants:
         start = time.time()
         ema, stats = train(variant, data, args)
@@ -201,7 +227,7 @@ def main(argv=None):
         if variant == "twinflow":
             row["delta_v_agreement"] = delta_v_agreement(ema, data)
         results["variants"][variant] = row
-        print(f"{variant:>24} {row['nfe1']:8.4f} {row['nfe4']:8.4f} {row['nfe100']:8.4f} "
+        print(f"{variant:>28} {row['nfe1']:8.4f} {row['nfe4']:8.4f} {row['nfe100']:8.4f} "
               f"{row['unclamped_share']:7.2f} {row['train_seconds']:8.1f}", flush=True)
     if "twinflow" in results["variants"]:
         print("\ntwinflow (EMA): learned Δv against the bank estimate at its one-step samples")

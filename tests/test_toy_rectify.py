@@ -74,3 +74,16 @@ def test_benchmark_runs_every_variant(tmp_path):
     bands = results["variants"]["twinflow"]["delta_v_agreement"]
     assert len(bands) == 4 and all(-1 <= r["cosine"] <= 1 for r in bands.values())
     assert (common.base_target.__name__, common.rectify_loss.__name__) == ("base_target", "rectify_loss")  # restored
+
+
+def test_two_networks_send_each_branch_to_its_own_network():
+    torch.manual_seed(0)
+    nets = toy_rectify.TwoNetworks(16)
+    x_t, t = torch.randn(6, 2), torch.tensor([0.5, -0.5, 1.0, -1.0, 0.2, -0.9])
+    F = nets(x_t, t, t)
+    real, fake = t > 0, t < 0
+    assert torch.allclose(F[real], nets.real(x_t[real], t[real], t[real]))
+    assert torch.allclose(F[fake], nets.fake(x_t[fake], t[fake], t[fake]))
+    F[fake].sum().backward()  # a loss on the fake branch alone trains only the fake network
+    assert all(p.grad is None or not p.grad.any() for p in nets.real.parameters())
+    assert any(p.grad is not None and p.grad.any() for p in nets.fake.parameters())
