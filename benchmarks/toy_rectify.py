@@ -1,4 +1,4 @@
-"""Why does TwinFlow not beat RCGM on the 2D toys? Two measured causes, one run.
+"""Why does TwinFlow not beat RCGM on the 2D toys? Three measured causes, one run.
 
 L_rectify moves each one-step sample along Δv = F(x_τ, −τ) − F(x_τ, τ), the fake minus the real
 velocity. Whether that helps depends on two things, and this script measures both on 8 Gaussians
@@ -163,7 +163,7 @@ class patched:
 # Train, evaluate, compare Δv
 # ----------------------------------------------------------------------------------------------
 def train(variant, data, args):
-    torch.manual_seed(args.seed)  # the same init and noise stream for every variant
+    torch.manual_seed(args.seed)  # the same init for every variant (two-networks: .real only)
     model = TwoNetworks(args.width) if "two-networks" in variant else toy_2d.MLP(args.width)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)

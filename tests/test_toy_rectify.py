@@ -87,3 +87,19 @@ def test_two_networks_send_each_branch_to_its_own_network():
     F[fake].sum().backward()  # a loss on the fake branch alone trains only the fake network
     assert all(p.grad is None or not p.grad.any() for p in nets.real.parameters())
     assert any(p.grad is not None and p.grad.any() for p in nets.fake.parameters())
+    torch.manual_seed(3)
+    single = toy_2d.MLP(16)
+    torch.manual_seed(3)
+    real = toy_rectify.TwoNetworks(16).real  # the seed gives .real the single MLP's init
+    assert all(torch.equal(a, b) for a, b in zip(single.state_dict().values(), real.state_dict().values()))
+
+
+def test_no_rectify_control_differs_from_twinflow_only_in_the_gradient():
+    """twinflow and twinflow+no-rectify draw the same random numbers, so their gap is L_rectify's."""
+    args = toy_rectify.parser.parse_args(["--train-steps", "3", "--batch", "16", "--width", "16"])
+    data, states, models = torch.randn(200, 2), [], []
+    for variant in ("twinflow", "twinflow+no-rectify"):
+        models.append(toy_rectify.train(variant, data, args)[0])
+        states.append(torch.get_rng_state())
+    assert torch.equal(states[0], states[1])
+    assert not torch.equal(models[0].net[0].weight, models[1].net[0].weight)  # the gradients did differ
