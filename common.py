@@ -142,12 +142,12 @@ PARTS = {"rcgm": ("one", "multi", "any"), "twinflow": ("one", "multi", "any", "a
 
 
 def training_loss(model, ema_model, x, method="twinflow", cond=None, null_cond=None, kappa=0.0,
-                  order=2, rectify_weight=0.5, split=True):
+                  order=2, rectify_weight=0.5, adv_weight=1.0, split=True):
     """One training loss → (loss, logs). method: "flow" | "rcgm" | "twinflow".
 
     flow      plain flow matching, ‖F(x_t, t, t) − v*‖², t ~ U(0, 1). No EMA needed (kappa = 0).
     rcgm      the base loss alone (an any-step model, RCGM).
-    twinflow  base loss + L_adv + rectify_weight·L_rectify.
+    twinflow  base loss + adv_weight·L_adv + rectify_weight·L_rectify (the authors: 1 and 0.5).
 
     split=True (the authors' large-scale trainer): the batch is cut into equal parts, each part
     has one job, and ONE forward pass with gradient covers the whole batch:
@@ -214,7 +214,7 @@ def training_loss(model, ema_model, x, method="twinflow", cond=None, null_cond=N
         F_one = F_real[: n["one"]]  # the one-step part sits first: F(z, 1, 0)
         x_one_step = (x_t[: n["one"]] - F_one).detach()  # x̂ = z − F(z, 1, 0)
         rectify = rectify_loss(model, F_one, x_one_step, take(cond, index["one"]))
-        per_sample.append(adv)
+        per_sample.append(adv_weight * adv)
         logs.update(adv=adv.mean().detach(), rectify=rectify.mean().detach())
     loss = torch.cat(per_sample).mean()
     if "adv" in parts:

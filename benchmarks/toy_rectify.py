@@ -30,9 +30,11 @@ since twinflow and the oracle draw extra noise; --variants picks a subset):
     rcgm+3/4-batch          rcgm on 3/4 of the batch: as many real samples per step as twinflow has
     twinflow+two-networks   twinflow with the fake branch (t < 0) in a second MLP of its own
     twinflow+two-networks+direct   and the direct one-step target, Δv from the EMA (as +direct)
+    twinflow+adv-0.25       twinflow with adv_weight=0.25: L_adv weighs less against the real parts
+    twinflow+direct+adv-0.25   the same with the direct one-step target, Δv from the EMA
 no-rectify, 3/4-batch and two-networks split twinflow's gap to rcgm into what L_rectify does, what
 the adversarial quarter of the batch costs the real parts, and what sharing one network with the
-fake branch costs.
+fake branch costs; adv-0.25 asks whether one network can buy some of that back.
 
 It prints the SWD at 1, 4 and 100 NFE (as in toy_2d.py); the share of one-step output coordinates
 within Δt of F* at the last training step (|ρ| < 1: where the authors' clamp is inactive; for the
@@ -61,7 +63,7 @@ from common import interpolate, per_sample_mse, predict, sample  # noqa: E402
 
 VARIANTS = ("rcgm", "twinflow", "rcgm+direct", "twinflow+direct", "twinflow+direct+live", "twinflow+oracle",
             "twinflow+oracle+direct", "twinflow+no-rectify", "rcgm+3/4-batch", "twinflow+two-networks",
-            "twinflow+two-networks+direct")
+            "twinflow+two-networks+direct", "twinflow+adv-0.25", "twinflow+direct+adv-0.25")
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--target", default="8gaussians", choices=toy_2d.TARGETS)
 parser.add_argument("--variants", default=",".join(VARIANTS))
@@ -169,11 +171,13 @@ def train(variant, data, args):
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     stats, method = {}, variant.split("+")[0]
     batch = args.batch * 3 // 4 if "3/4-batch" in variant else args.batch
-    rectify_weight = 0.0 if "no-rectify" in variant else 0.5  # 0.5: common.py's default
+    rectify_weight = 0.0 if "no-rectify" in variant else 0.5  # 0.5 and 1: common.py's defaults
+    adv_weight = 0.25 if "adv-0.25" in variant else 1.0
     with patched(variant, data, ema, args, stats):
         for step in range(args.train_steps):
             x = data[torch.randint(len(data), (batch,))]
-            loss, _ = common.training_loss(model, ema, x, method=method, rectify_weight=rectify_weight)
+            loss, _ = common.training_loss(model, ema, x, method=method, rectify_weight=rectify_weight,
+                                           adv_weight=adv_weight)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{variant}: loss is {loss.item()} at step {step}")
             opt.zero_grad(set_to_none=True)

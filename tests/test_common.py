@@ -238,6 +238,20 @@ def test_conditional_training_with_guidance():
         assert torch.isfinite(loss)
 
 
+def test_adv_weight_scales_only_the_adversarial_term():
+    """loss = mean over the batch of per-sample terms + rectify_weight·L_rectify; the adversarial
+    part is a quarter of the batch, so adv_weight w adds (w − 1)·L_adv/4 and changes no draw."""
+    model, ema = make((16, 2))
+    x, results = torch.randn(16, 2), {}
+    for weight in (1.0, 0.25, 0.0):
+        torch.manual_seed(5)
+        results[weight] = training_loss(model, ema, x, method="twinflow", adv_weight=weight)
+    (loss_1, logs_1), (loss_q, logs_q), (loss_0, logs_0) = results.values()
+    assert torch.equal(logs_1["adv"], logs_q["adv"]) and torch.equal(logs_1["rectify"], logs_0["rectify"])
+    torch.testing.assert_close(loss_1 - loss_0, logs_1["adv"] / 4)
+    torch.testing.assert_close(loss_q - loss_0, 0.25 * logs_1["adv"] / 4)
+
+
 def test_bf16_autocast_on_cpu():
     model, ema = make((8, 2))
     with torch.autocast("cpu", dtype=torch.bfloat16):
