@@ -1,7 +1,7 @@
 """Why does TwinFlow not beat RCGM on the 2D toys? Three measured causes, one run.
 
 L_rectify moves each one-step sample along Δv = F(x_τ, −τ) − F(x_τ, τ), the fake minus the real
-velocity. Whether that helps depends on two things, and this script measures both on 8 Gaussians
+velocity. Whether that helps depends on three things, and this script measures them on 8 Gaussians
 (or --target), with toy_2d.py's MLP, data, budget and metric:
 
 1. The leverage of L_rectify. On the one-step part the base target is sg(F) − clamp(ρ) with
@@ -16,6 +16,7 @@ velocity. Whether that helps depends on two things, and this script measures bot
    x_τ = τ·z + (1 − τ)·x, F(x_τ) = (x_τ − E[x | x_τ])/τ, and E[x | x_τ] over a bank of points is a
    softmax-weighted mean. It reads --bank data points and makes --bank one-step samples per step,
    and has its own sampling noise: a diagnostic, not a method.
+3. What the fake branch costs the real one when both share the network (the controls below).
 
 Variants (the same seed and init; after the first step the random draws differ between methods,
 since twinflow and the oracle draw extra noise; --variants picks a subset):
@@ -171,8 +172,8 @@ def train(variant, data, args):
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     stats, method = {}, variant.split("+")[0]
     batch = args.batch * 3 // 4 if "3/4-batch" in variant else args.batch
-    rectify_weight = 0.0 if "no-rectify" in variant else 0.5  # 0.5 and 1: common.py's defaults
-    adv_weight = 0.25 if "adv-0.25" in variant else 1.0
+    rectify_weight = 0.0 if "no-rectify" in variant else 0.5  # common.py's default
+    adv_weight = 0.25 if "adv-0.25" in variant else 1.0  # common.py's default
     with patched(variant, data, ema, args, stats):
         for step in range(args.train_steps):
             x = data[torch.randint(len(data), (batch,))]
