@@ -80,7 +80,7 @@ def enhanced_velocity(ema_model, x_t, t, x, z, cond, null_cond, kappa):
 
 
 @torch.no_grad()
-def base_target(ema_model, F, x_t, t, tt, v_star, cond, order=2):
+def base_target(ema_model, F, x_t, t, tt, v_star, cond, order=2, plain=None):
     """RCGM base target: N-th-order recursive consistency (any-step), built with the EMA model F⁻.
 
     1. step back along the target velocity:  x' = x_t − Δt·v*,  t_m = max(t − Δt, tt)
@@ -94,6 +94,8 @@ def base_target(ema_model, F, x_t, t, tt, v_star, cond, order=2):
     one seed, 5,000 samples).
     ρ is written without dividing by t − tt, so t = tt (e.g. t = 0) can never give inf·0 = NaN
     (the public tutorial hides that NaN by zeroing gradients).
+    plain: an optional (B,) bool mask of samples whose target is F* itself (‖F − sg(F*)‖², no 1/Δt,
+    no clamp). training_loss uses it for the one-step part when one_step_target="plain".
     All times here are positive (the real trajectory)."""
     a, b = expand(t, F), expand(tt, F)
     far = (a - b) >= DT  # samples whose jump is longer than the finite-difference step
@@ -105,7 +107,10 @@ def base_target(ema_model, F, x_t, t, tt, v_star, cond, order=2):
         _, _, F_ema = predict(ema_model, x, t_c, t_n, **cond)
         x = x - expand(t_c - t_n, x) * F_ema  # the jump, = |t_n|·ẑ + (1 − |t_n|)·x̂
         P = P + expand(t_c - t_n, x) * F_ema
-    rho = torch.where(far, (((a - b) * F - DT * v_star - P) / DT).clamp(-1, 1), F - v_star)
+    residual = (a - b) * F - DT * v_star - P  # = (t − tt)·(F − F*)
+    rho = torch.where(far, (residual / DT).clamp(-1, 1), F - v_star)
+    if plain is not None:
+        rho = torch.where(far & expand(plain, F), residual / (a - b).clamp_min(DT), rho)  # F − F*
     return F - rho
 
 
@@ -117,17 +122,18 @@ def adversarial_loss(F_fake_branch, z, x_fake):
     return per_sample_mse(F_fake_branch, z - x_fake)
 
 
-def rectify_loss(model, F_one_step, x_fake, cond, clamp=1.0):
+def rectify_loss(model, F_one_step, x_fake, cond, clamp=1.0, max_time=1.0):
     """L_rectify, paper Eq. (10): velocity matching as distribution matching.
-    On the one-step samples x_fake, with fresh z', τ' and no gradient:
+    On the one-step samples x_fake, with fresh z', τ' ~ U(0, max_time) and no gradient:
         Δv = F(x_τ', −τ', −τ') − F(x_τ', τ', τ')      (fake velocity − real velocity)
         L  = ‖F_fake − sg(F_fake − Δv)‖²,  F_fake = F(z, 1, 0)
     Its gradient is ∝ Δv, so a descent step moves each one-step sample x̂ = z − F_fake along
     +Δv ∝ E_real[x | x_τ'] − E_fake[x | x_τ']: from the fake towards the real data (a score
     difference, like DMD). The fake and real "scores" are the same network at −τ' and +τ'.
-    Δv is clamped to [−clamp, clamp] as in the authors' large-scale trainer."""
+    Δv is clamped to [−clamp, clamp] as in the authors' large-scale trainer. model is the network
+    being trained (the authors') or its EMA copy (steadier; see training_loss)."""
     with torch.no_grad():
-        z, tau = torch.randn_like(x_fake), torch.rand(x_fake.shape[0], device=x_fake.device)
+        z, tau = torch.randn_like(x_fake), max_time * torch.rand(x_fake.shape[0], device=x_fake.device)
         x_tau = interpolate(x_fake, z, tau)
         _, _, F_fake_branch = predict(model, x_tau, -tau, -tau, **cond)
         _, _, F_real_branch = predict(model, x_tau, tau, tau, **cond)
@@ -142,12 +148,21 @@ PARTS = {"rcgm": ("one", "multi", "any"), "twinflow": ("one", "multi", "any", "a
 
 
 def training_loss(model, ema_model, x, method="twinflow", cond=None, null_cond=None, kappa=0.0,
-                  order=2, rectify_weight=0.5, adv_weight=1.0, split=True):
+                  order=2, rectify_weight=0.5, adv_weight=1.0, one_step_target="clamped",
+                  rectify_with_ema=False, rectify_max_time=1.0, split=True):
     """One training loss → (loss, logs). method: "flow" | "rcgm" | "twinflow".
 
     flow      plain flow matching, ‖F(x_t, t, t) − v*‖², t ~ U(0, 1). No EMA needed (kappa = 0).
     rcgm      the base loss alone (an any-step model, RCGM).
     twinflow  base loss + adv_weight·L_adv + rectify_weight·L_rectify (the authors: 1 and 0.5).
+
+    Three switches; the defaults are the authors' settings (toy_2d.py changes them, see README):
+    one_step_target   "clamped": the one-step part's base target is sg(F) − clamp((F − F*)/Δt),
+                      F* the consistent velocity of base_target, as for every jump. Its pull back
+                      to F* has stiffness 1/Δt, so L_rectify moves the output by only about 0.02·Δv.
+                      "plain": ‖F − sg(F*)‖² on that part (rcgm too), which L_rectify can move.
+    rectify_with_ema  Δv from the EMA model instead of the model being trained.
+    rectify_max_time  τ' ~ U(0, rectify_max_time) in L_rectify.
 
     split=True (the authors' large-scale trainer): the batch is cut into equal parts, each part
     has one job, and ONE forward pass with gradient covers the whole batch:
@@ -172,6 +187,8 @@ def training_loss(model, ema_model, x, method="twinflow", cond=None, null_cond=N
     parts = PARTS[method]
     if B < len(parts):
         raise ValueError(f"{method} splits each batch into {len(parts)} parts: batch {B} is too small")
+    if one_step_target not in ("clamped", "plain"):
+        raise ValueError(f"one_step_target must be 'clamped' or 'plain', got {one_step_target!r}")
     index = torch.arange(B, device=device)
     index = dict(zip(parts, index.tensor_split(len(parts)) if split else [index] * len(parts)))
     n = {part: len(i) for part, i in index.items()}
@@ -205,7 +222,8 @@ def training_loss(model, ema_model, x, method="twinflow", cond=None, null_cond=N
               **take(cond, torch.cat(batch))).float()
     F_real = F[: len(real)]
 
-    target = base_target(ema_model, F_real.detach(), x_t, t, tt, v_star, cond_real, order)
+    plain = torch.arange(len(real), device=device) < n["one"] if one_step_target == "plain" else None
+    target = base_target(ema_model, F_real.detach(), x_t, t, tt, v_star, cond_real, order, plain=plain)
     base = per_sample_mse(F_real, target)
     logs = {"base": base.mean().detach()}
     per_sample = [base]
@@ -213,7 +231,8 @@ def training_loss(model, ema_model, x, method="twinflow", cond=None, null_cond=N
         adv = adversarial_loss(F[len(real):], z_adv, x_fake)
         F_one = F_real[: n["one"]]  # the one-step part sits first: F(z, 1, 0)
         x_one_step = (x_t[: n["one"]] - F_one).detach()  # x̂ = z − F(z, 1, 0)
-        rectify = rectify_loss(model, F_one, x_one_step, take(cond, index["one"]))
+        rectify = rectify_loss(ema_model if rectify_with_ema else model, F_one, x_one_step,
+                               take(cond, index["one"]), max_time=rectify_max_time)
         per_sample.append(adv_weight * adv)
         logs.update(adv=adv.mean().detach(), rectify=rectify.mean().detach())
     loss = torch.cat(per_sample).mean()

@@ -1,4 +1,5 @@
-"""Why does TwinFlow not beat RCGM on the 2D toys? Three measured causes, one run.
+"""Why does TwinFlow, with the authors' loss settings, not beat RCGM on the 2D toys? Three measured
+causes, one run. (What they led to: toy_2d.py's TOY_LOSS, common.py's switches turned on.)
 
 L_rectify moves each one-step sample along Δv = F(x_τ, −τ) − F(x_τ, τ), the fake minus the real
 velocity. Whether that helps depends on three things, and this script measures them on 8 Gaussians
@@ -127,8 +128,8 @@ class patched:
         base_target, rectify_loss = self.saved
 
         @torch.no_grad()
-        def base(ema_model, F, x_t, t, tt, v_star, cond, order=2):
-            target = base_target(ema_model, F, x_t, t, tt, v_star, cond, order)
+        def base(ema_model, F, x_t, t, tt, v_star, cond, order=2, plain=None):
+            target = base_target(ema_model, F, x_t, t, tt, v_star, cond, order, plain)
             one = (t == 1) & (tt == 0)
             # F* = (Δt·v* + P)/(1 − 0) on the one-step part: the same EMA sub-steps as base_target.
             x, P, t_m = x_t[one] - common.DT * v_star[one], 0, 1 - common.DT
@@ -143,10 +144,11 @@ class patched:
                 target[one] = F_star  # ‖F − sg(F*)‖²: no 1/Δt, no clamp
             return target
 
-        def rectify(model, F_one_step, x_fake, cond, clamp=1.0):
+        def rectify(model, F_one_step, x_fake, cond, clamp=1.0, max_time=1.0):
             if "oracle" not in self.variant:  # "+direct": the EMA model's Δv, "+live": the model's
                 ema_delta_v = "direct" in self.variant and "live" not in self.variant
-                return rectify_loss(self.ema if ema_delta_v else model, F_one_step, x_fake, cond, clamp)
+                return rectify_loss(self.ema if ema_delta_v else model, F_one_step, x_fake, cond, clamp,
+                                    max_time)
             with torch.no_grad():
                 tau = torch.rand(len(x_fake)).clamp_min(0.02)  # the bank's estimate degrades as τ → 0
                 x_tau = interpolate(x_fake, torch.randn_like(x_fake), tau)

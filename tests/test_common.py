@@ -252,6 +252,40 @@ def test_adv_weight_scales_only_the_adversarial_term():
     torch.testing.assert_close(loss_q - loss_0, 0.25 * logs_1["adv"] / 4)
 
 
+def test_plain_one_step_target_is_the_consistency_target_itself():
+    """plain=True rows regress on F* (a target that does not depend on F); the clamped target is
+    sg(F) − clamp((F − F*)/Δt); both agree on F = F*, and plain leaves every other row alone."""
+    model, ema = make((6, 2))
+    x_t, v_star = torch.randn(6, 2), torch.randn(6, 2)
+    t, tt = torch.tensor([1.0, 1.0, 1.0, 0.7, 0.5, 0.3]), torch.tensor([0.0, 0.0, 0.0, 0.2, 0.5, 0.1])
+    plain = torch.tensor([True, True, True, False, False, False])
+    F_a, F_b = torch.randn(6, 2), torch.randn(6, 2)
+    target = lambda F, mask: base_target(ema, F, x_t, t, tt, v_star, {}, plain=mask)
+    F_star = target(F_a, plain)[:3]
+    torch.testing.assert_close(target(F_b, plain)[:3], F_star)  # independent of F
+    torch.testing.assert_close(target(F_a, plain)[3:], target(F_a, None)[3:])  # other rows untouched
+    F_c = F_a.clone()
+    F_c[:3] = F_star
+    torch.testing.assert_close(target(F_c, None)[:3], F_star)  # the clamped target's fixed point
+    assert not torch.allclose(target(F_b, None)[:3], F_star)  # ...which it reaches only at F = F*
+
+
+def test_rectify_switches_pick_the_model_and_the_noise_range():
+    """rectify_with_ema: Δv's two no-grad calls at ±τ' go to the EMA, not to the live model;
+    rectify_max_time bounds τ'; one_step_target is checked."""
+    for with_ema in (False, True):
+        model, ema = make((64, 2))
+        live, frozen = Spy(model), Spy(ema)
+        training_loss(live, frozen, torch.randn(64, 2), method="twinflow", rectify_with_ema=with_ema,
+                      rectify_max_time=0.5)
+        delta_v_calls = [c for c in (frozen if with_ema else live).calls if not c[2] and (c[0] < 0).all()]
+        assert len(delta_v_calls) == 1 and delta_v_calls[0][3] == 16  # the fake branch, on the one-step part
+        assert (delta_v_calls[0][0] >= -0.5).all()  # τ' ≤ 0.5 (16 draws: by chance, p = 2⁻¹⁶)
+        assert not any(not c[2] and (c[0] < 0).all() for c in (live if with_ema else frozen).calls)
+    with pytest.raises(ValueError, match="one_step_target"):
+        training_loss(model, ema, torch.randn(8, 2), method="rcgm", one_step_target="direct")
+
+
 def test_bf16_autocast_on_cpu():
     model, ema = make((8, 2))
     with torch.autocast("cpu", dtype=torch.bfloat16):

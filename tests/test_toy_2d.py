@@ -88,3 +88,14 @@ def test_unavailable_device_is_a_clear_error(tmp_path):
         pytest.skip("this machine has CUDA")
     with pytest.raises(SystemExit, match="not available"):
         toy_2d.main(["--device", "cuda", "--out", str(tmp_path)])
+
+
+def test_toy_loss_settings_and_the_authors_flag(tmp_path, monkeypatch):
+    """By default the toy trains with TOY_LOSS; --authors-loss passes common.py's defaults."""
+    seen = []
+    real_loss = toy_2d.training_loss
+    monkeypatch.setattr(toy_2d, "training_loss", lambda *a, **kw: seen.append(kw) or real_loss(*a, **kw))
+    tiny = ["--methods", "twinflow", "--train-steps", "2", "--num-eval", "50", "--many-steps", "2"]
+    toy_2d.main(tiny + ["--out", str(tmp_path / "toy")])
+    toy_2d.main(tiny + ["--out", str(tmp_path / "authors"), "--authors-loss"])
+    assert seen[0] == {"method": "twinflow", **toy_2d.TOY_LOSS} and seen[-1] == {"method": "twinflow"}

@@ -61,6 +61,8 @@ def test_direct_one_step_target_is_the_point_base_target_is_consistent_with():
     original = common.base_target(ema, F_near, x_t, t, tt, v_star, {})
     assert torch.allclose(original[:4], F_near[:4] - e / 2, atol=1e-4)
     assert torch.equal(direct[4:], common.base_target(ema, F, x_t, t, tt, v_star, {})[4:])  # other parts untouched
+    plain = common.base_target(ema, F, x_t, t, tt, v_star, {}, plain=torch.arange(B) < 4)
+    torch.testing.assert_close(plain, direct)  # common.py's one_step_target="plain" is the same target
 
 
 def test_benchmark_runs_every_variant(tmp_path):
