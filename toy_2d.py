@@ -9,6 +9,7 @@ Trains three models on the same data with the same network and budget, and compa
     python toy_2d.py --target checkerboard --out out/checker
     python toy_2d.py --target moons --methods twinflow --train-steps 1000
     python toy_2d.py --data my_points.npy              # any (N, 2) float array of your own
+    python toy_2d.py --authors-loss                    # rcgm/twinflow with the authors' settings, not TOY_LOSS
 
 Writes to --out: scatter.png (rows: methods; columns: data, 1, 2, 4 NFE, many steps),
 twin_trajectories.png, losses.png, one_step_training.gif, metrics.json and samples.npz.
@@ -332,7 +333,7 @@ def main(argv=None):
     report = {"target": args.data or args.target, "metric": "sliced Wasserstein-1 (512 directions)",
               "num_eval": len(reference), "train_seconds": seconds,
               "total_seconds": round(time.time() - start_all, 1), "device": str(device),
-              "config": vars(args), **metrics}
+              "config": vars(args), "loss_settings": {} if args.authors_loss else TOY_LOSS, **metrics}
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(report, f, indent=2)
     np.savez(os.path.join(args.out, "samples.npz"), data=reference,

@@ -96,6 +96,7 @@ def test_toy_loss_settings_and_the_authors_flag(tmp_path, monkeypatch):
     real_loss = toy_2d.training_loss
     monkeypatch.setattr(toy_2d, "training_loss", lambda *a, **kw: seen.append(kw) or real_loss(*a, **kw))
     tiny = ["--methods", "twinflow", "--train-steps", "2", "--num-eval", "50", "--many-steps", "2"]
-    toy_2d.main(tiny + ["--out", str(tmp_path / "toy")])
-    toy_2d.main(tiny + ["--out", str(tmp_path / "authors"), "--authors-loss"])
+    toy = toy_2d.main(tiny + ["--out", str(tmp_path / "toy")])
+    authors = toy_2d.main(tiny + ["--out", str(tmp_path / "authors"), "--authors-loss"])
     assert seen[0] == {"method": "twinflow", **toy_2d.TOY_LOSS} and seen[-1] == {"method": "twinflow"}
+    assert toy["loss_settings"] == toy_2d.TOY_LOSS and authors["loss_settings"] == {}  # in metrics.json
