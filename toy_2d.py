@@ -5,13 +5,13 @@ Trains three models on the same data with the same network and budget, and compa
     rcgm      the any-step base loss alone (RCGM)
     twinflow  base loss + L_adv + L_rectify: a one-step generator
 
-    python toy_2d.py                                   # all three on 8 Gaussians, ~3.5 min on 2 CPU cores
+    python toy_2d.py                                   # all three on 8 Gaussians, 3.5–4.5 min on 2 CPU cores
     python toy_2d.py --target checkerboard --out out/checker
     python toy_2d.py --target moons --methods twinflow --train-steps 1000
     python toy_2d.py --data my_points.npy              # any (N, 2) float array of your own
     python toy_2d.py --authors-loss                    # rcgm/twinflow with the authors' settings, not TOY_LOSS
 
-Writes to --out: scatter.png (rows: methods; columns: data, 1, 2, 4 NFE, many steps),
+Writes to --out: scatter.png (rows: methods; columns: data, 1, 2, 4 NFE, 2 and 4 NFE re-noised, many steps),
 twin_trajectories.png, losses.png, one_step_training.gif, metrics.json and samples.npz.
 The quality metric is the sliced Wasserstein distance (SWD) between --num-eval samples and as many
 held-out points; metrics.json also gives the noise floor: the SWD between two held-out sets of that
@@ -213,14 +213,23 @@ def scatter(ax, points, title=None, color="C0"):
         ax.set_title(title, fontsize=9)
 
 
+def column_title(key):
+    """'nfe4_renoise' → '4 NFE re-noised'."""
+    nfe, _, kind = key[3:].partition("_")
+    return f"{nfe} NFE" + (" re-noised" if kind else "")
+
+
 def plot_grid(path, reference, samples, metrics, columns, lims):
     fig, axes = plt.subplots(len(samples), len(columns) + 1, squeeze=False,
                              figsize=(2.2 * (len(columns) + 1), 2.3 * len(samples)))
     for row, method in zip(axes, samples):
         scatter(row[0], reference, "data", color="gray")
         row[0].set_ylabel(method)
-        for ax, k in zip(row[1:], columns):
-            scatter(ax, samples[method][k], f"{k} NFE  SWD {metrics[method][f'nfe{k}']:.3f}")
+        for ax, key in zip(row[1:], columns):
+            if key in samples[method]:
+                scatter(ax, samples[method][key], f"{column_title(key)}  SWD {metrics[method][key]:.3f}")
+            else:  # flow has no jumps to re-noise
+                ax.axis("off")
         for ax in row:
             ax.set_xlim(*lims), ax.set_ylim(*lims)
     fig.tight_layout()
@@ -306,7 +315,15 @@ def main(argv=None):
     generator = torch.Generator().manual_seed(args.seed + 1)
     eval_noise = torch.randn(len(reference), 2, generator=generator).to(device)
     gif_noise = eval_noise[:1000]
-    columns = [1, 2, 4, args.many_steps]
+    # How each column is sampled. The any-step models jump grid time to grid time (deterministic);
+    # "re-noised" is the authors' recommended few-step sampler: jump to the data (tt = 0), then
+    # re-noise that x̂ to the next grid time with fresh noise (stochastic ratio 1), on their grids
+    # 0.999 → 0.6 → 0 and 0.999, 0.833, 0.666, 0.5 → 0. The many-step column is the ODE (Euler).
+    # flow was never asked for jumps, so it gets Euler at every NFE and no re-noised columns.
+    columns = {"nfe1": dict(steps=1), "nfe2": dict(steps=2), "nfe4": dict(steps=4),
+               "nfe2_renoise": dict(steps=2, style="few", stochastic_ratio=1.0, gap=(0.001, 0.6)),
+               "nfe4_renoise": dict(steps=4, style="few", stochastic_ratio=1.0, gap=(0.001, 0.5)),
+               f"nfe{args.many_steps}": dict(steps=args.many_steps, style="mul")}
     models, all_logs, all_frames, samples, seconds = {}, {}, {}, {}, {}
     metrics = {"noise_floor": swd(reference, reference_2)}
     for method in methods:
@@ -315,13 +332,15 @@ def main(argv=None):
             method, pool, args, device, gif_noise, normalize, denormalize)
         seconds[method] = round(time.time() - start, 1)
         samples[method], metrics[method] = {}, {}
-        for nfe in columns:
-            # flow was never asked for jumps, so it gets the plain ODE (Euler); the any-step
-            # models jump grid time to grid time; every model's many-step column is the ODE.
-            style = "mul" if method == "flow" or nfe == args.many_steps else "any"
-            x = denormalize(sample(models[method], eval_noise, steps=nfe, style=style)).cpu().numpy()
-            samples[method][nfe] = x
-            metrics[method][f"nfe{nfe}"] = swd(x, reference)
+        for key, how in columns.items():
+            if method == "flow":
+                if "renoise" in key:
+                    continue
+                how = dict(steps=how["steps"], style="mul")
+            torch.manual_seed(args.seed + 2)  # the re-noising draws: the same for every method
+            x = denormalize(sample(models[method], eval_noise, **{"style": "any", **how})).cpu().numpy()
+            samples[method][key] = x
+            metrics[method][key] = swd(x, reference)
 
     # Save: figures, metrics, raw samples.
     plot_grid(os.path.join(args.out, "scatter.png"), reference, samples, metrics, columns, lims)
@@ -337,12 +356,13 @@ def main(argv=None):
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(report, f, indent=2)
     np.savez(os.path.join(args.out, "samples.npz"), data=reference,
-             **{f"{m}_nfe{k}": x for m in samples for k, x in samples[m].items()})
+             **{f"{m}_{key}": x for m in samples for key, x in samples[m].items()})
 
     print(f"\nSWD to held-out data (noise floor {metrics['noise_floor']:.4f}), lower is better:")
-    print(f"{'method':>10} " + " ".join(f"{f'{k} NFE':>9}" for k in columns) + "   train s")
+    print(f"{'method':>10} " + " ".join(f"{column_title(key):>17}" for key in columns) + "   train s")
     for m in methods:
-        print(f"{m:>10} " + " ".join(f"{metrics[m][f'nfe{k}']:9.4f}" for k in columns) + f"   {seconds[m]:7.1f}")
+        cells = [f"{metrics[m][key]:17.4f}" if key in metrics[m] else f"{'-':>17}" for key in columns]
+        print(f"{m:>10} " + " ".join(cells) + f"   {seconds[m]:7.1f}")
     print(f"wrote {args.out}/ in {report['total_seconds']:.0f} s")
     return report
 

@@ -33,7 +33,7 @@ def test_short_training_improves_one_step_quality_and_writes_everything(tmp_path
                  "metrics.json", "samples.npz"]:
         assert (out / name).stat().st_size > 0, name
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["twinflow"]) == {"nfe1", "nfe2", "nfe4", "nfe8"}
+    assert set(metrics["twinflow"]) == {"nfe1", "nfe2", "nfe4", "nfe2_renoise", "nfe4_renoise", "nfe8"}
     assert metrics["noise_floor"] > 0
     samples = np.load(out / "samples.npz")
     assert samples["data"].shape == (600, 2) and samples["twinflow_nfe1"].shape == (600, 2)
@@ -57,6 +57,7 @@ def test_user_data_file(tmp_path):
     assert report["target"] == str(path) and report["num_eval"] == 100
     samples = np.load(tmp_path / "o" / "samples.npz")
     assert abs(samples["flow_nfe4"].mean() - 5) < 3  # mapped back to the user's coordinates
+    assert "flow_nfe4_renoise" not in samples  # flow has no jumps to re-noise
 
 
 @pytest.mark.parametrize("content,message", [
@@ -100,3 +101,13 @@ def test_toy_loss_settings_and_the_authors_flag(tmp_path, monkeypatch):
     authors = toy_2d.main(tiny + ["--out", str(tmp_path / "authors"), "--authors-loss"])
     assert seen[0] == {"method": "twinflow", **toy_2d.TOY_LOSS} and seen[-1] == {"method": "twinflow"}
     assert toy["loss_settings"] == toy_2d.TOY_LOSS and authors["loss_settings"] == {}  # in metrics.json
+
+
+def test_a_seed_reproduces_every_column_including_the_re_noised_ones(tmp_path):
+    tiny = ["--methods", "rcgm", "--train-steps", "20", "--num-eval", "200", "--many-steps", "4"]
+    first = toy_2d.main(tiny + ["--out", str(tmp_path / "a")])
+    second = toy_2d.main(tiny + ["--out", str(tmp_path / "b")])
+    other = toy_2d.main(tiny + ["--out", str(tmp_path / "c"), "--seed", "1"])
+    assert first["rcgm"] == second["rcgm"] and first["rcgm"]["nfe2_renoise"] != other["rcgm"]["nfe2_renoise"]
+    # re-noising draws fresh noise, so it is a different sampler from the deterministic jumps
+    assert first["rcgm"]["nfe2_renoise"] != first["rcgm"]["nfe2"]
