@@ -109,5 +109,5 @@ def test_a_seed_reproduces_every_column_including_the_re_noised_ones(tmp_path):
     second = toy_2d.main(tiny + ["--out", str(tmp_path / "b")])
     other = toy_2d.main(tiny + ["--out", str(tmp_path / "c"), "--seed", "1"])
     assert first["rcgm"] == second["rcgm"] and first["rcgm"]["nfe2_renoise"] != other["rcgm"]["nfe2_renoise"]
-    # re-noising draws fresh noise, so it is a different sampler from the deterministic jumps
+    # the re-noised column is its own sampler, not a copy of the jumps
     assert first["rcgm"]["nfe2_renoise"] != first["rcgm"]["nfe2"]
