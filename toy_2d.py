@@ -5,7 +5,7 @@ Trains three models on the same data with the same network and budget, and compa
     rcgm      the any-step base loss alone (RCGM)
     twinflow  base loss + L_adv + L_rectify: a one-step generator
 
-    python toy_2d.py                                   # all three on 8 Gaussians, 3.5–5 min on 2 CPU cores
+    python toy_2d.py                                   # all three on 8 Gaussians, 3.5–4 min on 2 CPU cores
     python toy_2d.py --target checkerboard --out out/checker
     python toy_2d.py --target moons --methods twinflow --train-steps 1000
     python toy_2d.py --data my_points.npy              # any (N, 2) float array of your own
@@ -168,7 +168,10 @@ def swd(a, b, n_directions=512, seed=0):
     g = torch.Generator().manual_seed(seed)
     d = torch.randn(2, n_directions, generator=g, dtype=torch.float64)
     d = d / d.norm(dim=0)
-    return ((a @ d).sort(0).values - (b @ d).sort(0).values).abs().mean().item()
+    # One row per direction, sorted along the row: sorting the (N, directions) projections along
+    # dim 0 instead gives the same numbers 4x slower on CPU (70 of a default run's 95 s of evaluation).
+    sorted_projections = lambda points: (points @ d).T.contiguous().sort(1).values
+    return (sorted_projections(a) - sorted_projections(b)).abs().mean().item()
 
 
 # ----------------------------------------------------------------------------------------------
