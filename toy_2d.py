@@ -12,7 +12,9 @@ Trains three models on the same data with the same network and budget, and compa
     python toy_2d.py --authors-loss                    # rcgm/twinflow with the authors' settings, not TOY_LOSS
 
 Writes to --out: scatter.png (rows: methods; columns: data, 1, 2, 4 NFE, 2 and 4 NFE re-noised, many steps),
-twin_trajectories.png, losses.png, one_step_training.gif, metrics.json and samples.npz.
+twin_trajectories.png, losses.png, one_step_training.gif, metrics.json and samples.npz (held-out
+data under "data", each method's samples under "{method}_{column}", and the fake branch's many-step
+samples under "twinflow_fake_nfe{many}").
 The quality metric is the sliced Wasserstein distance (SWD) between --num-eval samples and as many
 held-out points; metrics.json also gives the noise floor: the SWD between two held-out sets of that
 size (what a perfect model would score). At 5,000 points the floor itself wanders from 0.02 to 0.045
@@ -345,6 +347,14 @@ def main(argv=None):
             samples[method][key] = x
             metrics[method][key] = swd(x, reference)
 
+    # The fake (t < 0) branch's own many-step samples, from the same noise. L_adv trains it on the
+    # model's one-step samples and L_rectify stops where the two branches agree, so how well the
+    # fake branch knows those samples bounds what L_rectify can do (benchmarks/toy_modes.py).
+    fake_samples = {}
+    if "twinflow" in models:
+        fake = sample(models["twinflow"], eval_noise, steps=args.many_steps, style="mul", fake=True)
+        fake_samples[f"twinflow_fake_nfe{args.many_steps}"] = denormalize(fake).cpu().numpy()
+
     # Save: figures, metrics, raw samples.
     plot_grid(os.path.join(args.out, "scatter.png"), reference, samples, metrics, columns, lims)
     plot_losses(os.path.join(args.out, "losses.png"), all_logs)
@@ -359,7 +369,7 @@ def main(argv=None):
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(report, f, indent=2)
     np.savez(os.path.join(args.out, "samples.npz"), data=reference,
-             **{f"{m}_{key}": x for m in samples for key, x in samples[m].items()})
+             **{f"{m}_{key}": x for m in samples for key, x in samples[m].items()}, **fake_samples)
 
     print(f"\nSWD to held-out data (noise floor {metrics['noise_floor']:.4f}), lower is better:")
     print(f"{'method':>10} " + " ".join(f"{column_title(key):>17}" for key in columns) + "   train s")

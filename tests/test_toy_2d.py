@@ -37,6 +37,7 @@ def test_short_training_improves_one_step_quality_and_writes_everything(tmp_path
     assert metrics["noise_floor"] > 0
     samples = np.load(out / "samples.npz")
     assert samples["data"].shape == (600, 2) and samples["twinflow_nfe1"].shape == (600, 2)
+    assert samples["twinflow_fake_nfe8"].shape == (600, 2)  # the fake branch's own samples
     # The GIF's first frame is the untrained model's 1-NFE output: training must beat it.
     reference = samples["data"]
     torch.manual_seed(0)

@@ -13,17 +13,29 @@ toy_modes = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(toy_modes)
 
 
-def test_counts_on_8_gaussians_see_stray_samples_and_narrow_modes(tmp_path):
+def test_counts_on_8_gaussians_see_stray_samples_narrow_peaked_and_uneven_modes(tmp_path):
     rng = np.random.default_rng(0)
     data = toy_2d.make_target("8gaussians", 20_000, rng)
+    fresh = toy_2d.make_target("8gaussians", 20_000, rng)  # another sample of the same distribution
     nearest = toy_modes.CENTRES[np.linalg.norm(data[:, None] - toy_modes.CENTRES[None], axis=2).argmin(1)]
     narrow = nearest + 0.5 * (data - nearest)  # every mode at half its width
     blurred = data + 0.5 * rng.standard_normal(data.shape)  # mass between the modes
-    np.savez(tmp_path / "samples.npz", data=data, narrow=narrow, blurred=blurred)
+    tangent = np.stack([-nearest[:, 1], nearest[:, 0]], 1) / 2
+    peaked = nearest + tangent * rng.laplace(0, 0.12 / np.sqrt(2), (len(data), 1)) \
+        + nearest / 2 * 0.12 * rng.standard_normal((len(data), 1))  # Laplace along the circle
+    uneven = np.concatenate([data[nearest[:, 0] > 1.5], data])[:len(data)]  # mode 0 twice as heavy
+    np.savez(tmp_path / "samples.npz", data=data, fresh=fresh, narrow=narrow, blurred=blurred,
+             peaked=peaked, uneven=uneven)
     rows = toy_modes.main([str(tmp_path / "samples.npz")])
+    # off the modes, spread, peaked along, across, mass moved, SWD: shapes+mass, SWD: mass
     assert rows["data"][0] < 0.005 and rows["data"][1] == pytest.approx(0.12, abs=0.003)
+    assert np.abs(rows["data"][2:4]).max() < 0.15 and np.isnan(rows["data"][4:]).all()
+    assert rows["fresh"][4] < 0.02 and max(rows["fresh"][5:]) < 0.015  # sampling noise: 1% of the mass, SWD 0.01
     assert rows["narrow"][0] == 0 and rows["narrow"][1] == pytest.approx(0.06, abs=0.002)
+    assert rows["narrow"][5] < 0.015  # the repair restores the width: the shape is right
     assert rows["blurred"][0] > 0.3
+    assert rows["peaked"][2] > 1.2 and abs(rows["peaked"][3]) < 0.15  # truncated at 4σ: below 3
+    assert rows["uneven"][4] == pytest.approx(0.11, abs=0.01) and rows["uneven"][6] > 0.03
 
 
 def test_counts_on_checkerboard_and_a_bad_file(tmp_path):
