@@ -67,10 +67,10 @@ def gaussian_counts(x, data=None):
     counts = (off.mean(), float(np.sqrt((offsets ** 2).mean())) if len(offsets) else float("nan"), along, across)
     if data is None:
         return counts + (float("nan"),) * 4
-    share = lambda points: np.bincount(
-        np.linalg.norm(points[:, None] - CENTRES[None], axis=2).argmin(1), minlength=len(CENTRES)) / len(points)
-    return counts + (0.5 * np.abs(share(x) - share(data)).sum(), swd(x, data), swd(shapes, data),
-                     swd(masses, data))
+    data_nearest = np.linalg.norm(data[:, None] - CENTRES[None], axis=2).argmin(1)
+    mass_moved = 0.5 * np.abs(np.bincount(nearest, minlength=len(CENTRES)) / len(x)
+                              - np.bincount(data_nearest, minlength=len(CENTRES)) / len(data)).sum()
+    return counts + (mass_moved, swd(x, data), swd(shapes, data), swd(masses, data))
 
 
 def checkerboard_counts(x, data=None):
