@@ -270,6 +270,24 @@ def test_plain_one_step_target_is_the_consistency_target_itself():
     assert not torch.allclose(target(F_b, None)[:3], F_star)  # ...which it reaches only at F = F*
 
 
+def test_target_switches_pick_the_parts_that_regress_on_F_star(monkeypatch):
+    """one_step_target / multi_step_target mark exactly the one-step / multi part's rows as plain
+    (split=True: 16 rows each, in the order one, multi, any); "clamped" marks none."""
+    import common
+    masks = []
+    real_base_target = common.base_target
+    monkeypatch.setattr(common, "base_target",
+                        lambda *a, plain=None, **k: masks.append(plain) or real_base_target(*a, plain=plain, **k))
+    model, ema = make((64, 2))
+    for one, multi in [("clamped", "clamped"), ("plain", "clamped"), ("clamped", "plain"), ("plain", "plain")]:
+        training_loss(model, ema, torch.randn(64, 2), method="twinflow", one_step_target=one,
+                      multi_step_target=multi)
+        expected = torch.tensor([one == "plain"] * 16 + [multi == "plain"] * 16 + [False] * 16)
+        assert torch.equal(masks[-1], expected)
+    with pytest.raises(ValueError, match="multi_step_target"):
+        training_loss(model, ema, torch.randn(8, 2), method="rcgm", multi_step_target="median")
+
+
 def test_rectify_switches_pick_the_model_and_the_noise_range():
     """rectify_with_ema: Δv's two no-grad calls at ±τ' go to the EMA, not to the live model;
     rectify_max_time bounds τ'; one_step_target is checked."""
