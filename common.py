@@ -95,7 +95,8 @@ def base_target(ema_model, F, x_t, t, tt, v_star, cond, order=2, plain=None):
     ρ is written without dividing by t − tt, so t = tt (e.g. t = 0) can never give inf·0 = NaN
     (the public tutorial hides that NaN by zeroing gradients).
     plain: an optional (B,) bool mask of samples whose target is F* itself (‖F − sg(F*)‖², no 1/Δt,
-    no clamp). training_loss uses it for the one-step part when one_step_target="plain".
+    no clamp) where t − tt ≥ Δt. training_loss sets it on the one-step part when
+    one_step_target="plain" and on the multi part when multi_step_target="plain".
     All times here are positive (the real trajectory)."""
     a, b = expand(t, F), expand(tt, F)
     far = (a - b) >= DT  # samples whose jump is longer than the finite-difference step
@@ -162,11 +163,12 @@ def training_loss(model, ema_model, x, method="twinflow", cond=None, null_cond=N
                       F* the consistent velocity of base_target, as for every jump. Its pull back
                       to F* has stiffness 1/Δt, so L_rectify moves the output by only about 0.02·Δv.
                       "plain": ‖F − sg(F*)‖² on that part (rcgm too), which L_rectify can move.
-    multi_step_target "clamped": the same clamped target on the multi part, which is meant to be
-                      near-instant flow matching (t − tt ≤ 0.05·t). Where t − tt ≥ Δt, ρ ≈ F − v*
-                      with v* = z − x noisy, so |ρ| > 1 is common and the clamp makes the regression
-                      median-like (the bias base_target removes below Δt). "plain": ‖F − sg(F*)‖²,
-                      a regression to the mean, on that part (rcgm too).
+    multi_step_target "clamped": the multi part, meant to be near-instant flow matching
+                      (t − tt ≤ 0.05·t), gets base_target's clamped residual where t − tt ≥ Δt.
+                      There ρ = (t − tt)/Δt·(F − F*) ≈ F − v*, with v* = z − x noisy, so |ρ| > 1 is
+                      common and the clamp makes the regression median-like (the bias base_target
+                      already removes below Δt). "plain": ‖F − sg(F*)‖² on those rows, a regression
+                      to the mean (rcgm too); rows below Δt are plain flow matching either way.
     rectify_with_ema  Δv from the EMA model instead of the model being trained.
     rectify_max_time  τ' ~ U(0, rectify_max_time) in L_rectify.
 
