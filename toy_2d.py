@@ -5,7 +5,7 @@ Trains three models on the same data with the same network and budget, and compa
     rcgm      the any-step base loss alone (RCGM)
     twinflow  base loss + L_adv + L_rectify: a one-step generator
 
-    python toy_2d.py                                   # all three on 8 Gaussians, about 3.5 min on 2 CPU cores
+    python toy_2d.py                                   # all three on 8 Gaussians, ~3.5 min on 2 CPU cores
     python toy_2d.py --target checkerboard --out out/checker
     python toy_2d.py --target moons --methods twinflow --train-steps 1000
     python toy_2d.py --data my_points.npy              # any (N, 2) float array of your own
