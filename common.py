@@ -232,8 +232,8 @@ def training_loss(model, ema_model, x, method="twinflow", cond=None, null_cond=N
     F_real = F[: len(real)]
 
     position = torch.arange(len(real), device=device)  # the real parts sit in order: one, multi, any
-    plain = (((position < n["one"]) & (one_step_target == "plain"))
-             | ((position >= n["one"]) & (position < n["one"] + n["multi"]) & (multi_step_target == "plain")))
+    in_one, in_multi = position < n["one"], (position >= n["one"]) & (position < n["one"] + n["multi"])
+    plain = (in_one & (one_step_target == "plain")) | (in_multi & (multi_step_target == "plain"))
     target = base_target(ema_model, F_real.detach(), x_t, t, tt, v_star, cond_real, order, plain=plain)
     base = per_sample_mse(F_real, target)
     logs = {"base": base.mean().detach()}
