@@ -61,13 +61,14 @@ parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
 parser.add_argument("--authors-loss", action="store_true",
                     help="train with common.py's defaults (the authors' settings) instead of TOY_LOSS")
 
-# The toy's six departures from the authors' loss settings, each measured on these targets (README,
-# toy section). The one-step part regresses on F* itself, so that L_rectify can move the one-step
-# samples, and the multi part regresses on it too, so that its flow matching estimates the mean
-# velocity, not a clamped, median-like one (rcgm gets both targets: a fair baseline). Δv comes from
-# the steadier EMA model, and only from τ' ≤ 0.5, where the learned Δv is not mostly wrong. L_adv
-# weighs a quarter: in a small MLP the fake branch takes capacity from the real one. L_rectify
-# weighs 0.25, not 0.5: with the plain multi target, 0.25 scores better at 1 NFE on both targets.
+# The toy's six departures from the authors' loss settings, each measured on these targets (README's
+# toy section and benchmarks/toy_findings.md). The one-step part regresses on F* itself, so that
+# L_rectify can move the one-step samples, and the multi part regresses on it too, so that its flow
+# matching estimates the mean velocity, not a clamped, median-like one (rcgm gets both targets: a
+# fair baseline). Δv comes from the steadier EMA model, and only from τ' ≤ 0.5, where the learned Δv
+# is not mostly wrong. L_adv weighs a quarter: in a small MLP the fake branch takes capacity from
+# the real one. L_rectify weighs 0.25, not 0.5: with the plain multi target, 0.25 scores better at
+# 1 NFE on both targets.
 TOY_LOSS = dict(one_step_target="plain", multi_step_target="plain", rectify_with_ema=True,
                 rectify_max_time=0.5, adv_weight=0.25, rectify_weight=0.25)
 
