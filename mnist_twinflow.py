@@ -370,17 +370,19 @@ class Classifier(nn.Module):
 
 def get_classifier(args, device):
     """Load the cached evaluator, or train it (≈ 1 min on 2 CPU cores) and cache it."""
-    classifier = Classifier()
     if os.path.isfile(args.classifier):
         try:
+            classifier = Classifier()
             classifier.load_state_dict(torch.load(args.classifier, map_location="cpu")["model"])
             return classifier.to(device).eval().requires_grad_(False)
         except Exception as e:
             raise SystemExit(f"error: --classifier {args.classifier}: unreadable ({e}); delete it to retrain")
     images, labels = load_mnist(args.data_root, train=True, download=not args.no_download)
     test_images, test_labels = load_mnist(args.data_root, train=False, download=not args.no_download)
+    # Seed BEFORE building it: its initial weights would otherwise depend on whatever ran first (the
+    # training of one method or another), and so would every FD it measures.
     torch.manual_seed(args.seed)
-    classifier.to(device).train()
+    classifier = Classifier().to(device).train()
     opt = torch.optim.Adam(classifier.parameters(), lr=1e-3)
     for _ in range(args.classifier_epochs):
         for index in tqdm(torch.randperm(len(images)).split(128), desc="classifier", leave=False):
