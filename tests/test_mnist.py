@@ -177,13 +177,13 @@ def test_two_process_ddp_on_cpu(data_root, tmp_path):
 
 
 def test_the_evaluator_is_the_same_whatever_ran_before_it(data_root, tmp_path):
-    """The classifier behind accuracy and FD depends on --seed only, not on the global RNG state that
-    training (of one method or another) left behind."""
+    """The classifier behind accuracy and FD is the same network whatever --seed, and whatever
+    random state the training before it (of one method or another) left behind."""
     weights = []
     for before, name in [(1, "a.pt"), (2, "b.pt")]:
         torch.manual_seed(before)
         torch.randn(10)  # as if a different training had run first
-        args = mnist_twinflow.parser.parse_args(
-            tiny(data_root, tmp_path / "o") + ["--classifier", str(tmp_path / name), "--classifier-epochs", "1"])
+        args = mnist_twinflow.parser.parse_args(tiny(data_root, tmp_path / "o") + [
+            "--classifier", str(tmp_path / name), "--classifier-epochs", "1", "--seed", str(before)])
         weights.append(mnist_twinflow.get_classifier(args, torch.device("cpu")).state_dict())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
