@@ -21,7 +21,8 @@ The metric (offline, no Inception weights needed): a small CNN classifier traine
 training split and cached (--classifier). We report the share of class-conditional samples it
 assigns to their intended class, and the Fréchet distance between samples and the MNIST test split
 in its 128-d feature space (torchmetrics' FID with this classifier as the feature extractor). That
-number is comparable between runs of this script, NOT with Inception FIDs from papers.
+number is comparable between runs scored by the same evaluator (the same --classifier file), NOT
+with Inception FIDs from papers.
 """
 import argparse
 import copy
@@ -372,16 +373,19 @@ def get_classifier(args, device):
     """Load the cached evaluator, or train it (≈ 1 min on 2 CPU cores) and cache it."""
     if os.path.isfile(args.classifier):
         try:
-            classifier = Classifier()
-            classifier.load_state_dict(torch.load(args.classifier, map_location="cpu")["model"])
-            return classifier.to(device).eval().requires_grad_(False)
+            classifier, cached = Classifier(), torch.load(args.classifier, map_location="cpu")
+            classifier.load_state_dict(cached["model"])
         except Exception as e:
             raise SystemExit(f"error: --classifier {args.classifier}: unreadable ({e}); delete it to retrain")
+        if "evaluator_seed" not in cached:  # trained before the evaluator was seeded: a different ruler
+            print(f"warning: --classifier {args.classifier} predates the seeded evaluator; its FDs are not "
+                  f"comparable with the README's newer numbers (delete it to retrain)")
+        return classifier.to(device).eval().requires_grad_(False)
     images, labels = load_mnist(args.data_root, train=True, download=not args.no_download)
     test_images, test_labels = load_mnist(args.data_root, train=False, download=not args.no_download)
-    # The evaluator is a measuring instrument: the same network for every run, so a fixed seed (not
-    # --seed), set BEFORE it is built. Its initial weights used to come from whatever random state
-    # the training before it had left, and every FD it measures moved with them.
+    # The evaluator is a measuring instrument: the same network for every run (on one device and torch
+    # build), so a fixed seed (not --seed), set BEFORE it is built. Its initial weights used to come
+    # from whatever random state the training before it had left, and every FD moved with them.
     torch.manual_seed(0)
     classifier = Classifier().to(device).train()
     opt = torch.optim.Adam(classifier.parameters(), lr=1e-3)
@@ -394,7 +398,8 @@ def get_classifier(args, device):
     accuracy = class_accuracy(classifier, test_images, test_labels)
     print(f"classifier: {accuracy:.2%} on the MNIST test split; cached at {args.classifier}")
     os.makedirs(os.path.dirname(os.path.abspath(args.classifier)), exist_ok=True)
-    torch.save({"model": classifier.state_dict(), "test_accuracy": accuracy}, args.classifier + ".tmp")
+    torch.save({"model": classifier.state_dict(), "test_accuracy": accuracy, "evaluator_seed": 0},
+               args.classifier + ".tmp")
     os.replace(args.classifier + ".tmp", args.classifier)
     return classifier
 

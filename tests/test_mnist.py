@@ -187,3 +187,11 @@ def test_the_evaluator_is_the_same_whatever_ran_before_it(data_root, tmp_path):
             "--classifier", str(tmp_path / name), "--classifier-epochs", "1", "--seed", str(before)])
         weights.append(mnist_twinflow.get_classifier(args, torch.device("cpu")).state_dict())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_an_evaluator_cached_before_the_seeding_is_flagged(data_root, tmp_path, capsys):
+    old = tmp_path / "old.pt"
+    torch.save({"model": mnist_twinflow.Classifier().state_dict(), "test_accuracy": 0.9}, old)
+    args = mnist_twinflow.parser.parse_args(tiny(data_root, tmp_path / "o") + ["--classifier", str(old)])
+    mnist_twinflow.get_classifier(args, torch.device("cpu"))
+    assert "predates the seeded evaluator" in capsys.readouterr().out
