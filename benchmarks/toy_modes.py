@@ -21,8 +21,9 @@ fake branch), averaged over the files given (one per seed):
                   alone. Fresh samples of the data score 0.009 to 0.019 on either (0.014 on
                   average over 12 draws) and move 0.7 % to 1.6 % of the mass.
     checkerboard  off the squares: the share of samples outside the eight squares
-The README's toy section and benchmarks/toy_findings.md use these counts to show what L_rectify changes (stray samples, the width
-and the shape of each mode, and how well the fake branch knows the one-step samples). They need
+The README's toy section and benchmarks/toy_findings.md use these counts to show what L_rectify
+changes (stray samples, the width and the shape of each mode, and how well the fake branch knows
+the one-step samples). They need
 toy_2d.py's built-in geometry, so only these two targets.
 """
 import argparse

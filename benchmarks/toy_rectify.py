@@ -46,7 +46,8 @@ with the bank estimate at its own one-step samples (sizes, error and cosine by �
 
     python benchmarks/toy_rectify.py                         # seed 0; one thread: 1.8–3.2 min per variant, 3.5–4 with the oracle
     OMP_NUM_THREADS=1 python benchmarks/toy_rectify.py --seed 1 --out out/toy_rectify_s1.json
-The numbers in benchmarks/toy_findings.md ("Why the authors' settings hold L_rectify back") are this script's output (seeds 0, 1, 2; assets/toy_rectify/).
+The numbers in benchmarks/toy_findings.md ("Why the authors' settings hold L_rectify back") are this
+script's output (seeds 0, 1, 2; assets/toy_rectify/).
 """
 import argparse
 import copy
