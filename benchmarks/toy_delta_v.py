@@ -21,11 +21,11 @@ than at the second is extrapolating: the one-step samples sit where the real dat
 do not reach.
 
     python benchmarks/toy_delta_v.py --target checkerboard --seed 0 --out out/toy_delta_v/checkerboard_s0
-    # one thread: about 3.5 min (the bank run about 1.8 min of training, the learned run 1.1)
+    # one thread, two runs at a time: about 5 min (training: 1 min learned, 2 min bank)
 
 Writes --out/learned/ and --out/bank/ (toy_2d.py's files) and --out/delta_v.json (the SWDs of both
-runs and the branch table). The numbers in benchmarks/toy_findings.md ("The Δv is the limit") are
-this script's output for seeds 0–2 on both targets (assets/toy_delta_v/).
+runs and the branch table). The numbers in benchmarks/toy_findings.md ("The learned Δv is the limit") are
+this script's output for seeds 0–4 on both targets (assets/toy_delta_v/).
 """
 import argparse
 import json
