@@ -5,7 +5,7 @@ L_rectify moves each one-step sample along Δv = F(x_τ′, −τ′) − F(x_τ
 velocity minus the real branch's, read at x_τ′ = τ′·z + (1 − τ′)·x̂, x̂ the model's own one-step
 samples. This script runs toy_2d.py twice from the same seed:
 
-    learned  toy_2d.py as it is (the same numbers as its own twinflow run)
+    learned  toy_2d.py as it is (the same numbers as its own twinflow run, to 15 significant digits)
     bank     L_rectify given a bank estimate of the exact Δv instead: with x_τ = τ·z + (1 − τ)·x,
              F(x_τ) = (x_τ − E[x | x_τ])/τ, and E[x | x_τ] over a bank of points is a softmax-weighted
              mean (benchmarks/toy_rectify.py's estimate). Each step it reads --bank data points and
@@ -16,16 +16,17 @@ samples. This script runs toy_2d.py twice from the same seed:
 and then, for the learned model, splits the error of its Δv between the two branches, by τ′ band:
 each branch against its own bank estimate at the points L_rectify reads it (real bank: the 100,000
 training points; fake bank: 100,000 one-step samples), and the real branch at points built the
-same way from the data, where it is trained. A real branch much worse at the first kind of point
-than at the second is extrapolating: the one-step samples sit where the real data's noisy versions
-do not reach.
+same way from the data, where it is trained. The real branch's error is also split by whether the
+one-step sample is off the data (farther than OFF_DATA from every training point), and each error
+is given beside the bank's own noise, which it includes (the bank is sparse off the data).
 
     python benchmarks/toy_delta_v.py --target checkerboard --seed 0 --out out/toy_delta_v/checkerboard_s0
-    # one thread, two runs at a time: about 5 min (training: 1 min learned, 2 min bank)
+    # one thread, two runs at a time: about 5.5 min (training: 66 s learned, 135 s bank)
 
 Writes --out/learned/ and --out/bank/ (toy_2d.py's files) and --out/delta_v.json (the SWDs of both
-runs and the branch table). The numbers in benchmarks/toy_findings.md ("The learned Δv is the limit") are
-this script's output for seeds 0–4 on both targets (assets/toy_delta_v/).
+runs and the branch table; the branch table's Δv is unclamped, L_rectify clamps it to [−1, 1]).
+The numbers in benchmarks/toy_findings.md ("The learned Δv is a limit") are
+this script's output for seeds 0–7 on both targets (assets/toy_delta_v/).
 """
 import argparse
 import json
@@ -42,6 +43,7 @@ from common import interpolate, per_sample_mse, predict, sample  # noqa: E402
 from toy_rectify import posterior_mean  # noqa: E402
 
 BANDS = ((0.02, 0.05), (0.05, 0.1), (0.1, 0.2), (0.2, 0.3), (0.3, 0.5))  # TOY_LOSS reads τ′ ≤ 0.5
+OFF_DATA = 0.05  # a one-step sample this far (standardised units) from every training point is off the data
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--target", default="8gaussians", choices=toy_2d.TARGETS)
 parser.add_argument("--seed", type=int, default=0)
@@ -79,7 +81,8 @@ class run_of_toy_2d:
         return ema, logs, frames
 
     def _bank_rectify_loss(self, model, F_one_step, x_fake, cond, clamp=1.0, max_time=1.0):
-        """common.rectify_loss with Δv = (E_real[x | x_τ′] − E_fake[x | x_τ′])/τ′ from two banks."""
+        """common.rectify_loss with Δv = (E_real[x | x_τ′] − E_fake[x | x_τ′])/τ′ from two banks.
+        Unconditional (the toys have no cond): both banks ignore cond."""
         with torch.no_grad():
             n, device = len(x_fake), x_fake.device
             tau = 0.02 + (max_time - 0.02) * torch.rand(n, device=device)  # the bank degrades as τ → 0
@@ -97,16 +100,24 @@ class run_of_toy_2d:
 # ----------------------------------------------------------------------------------------------
 # The branch table
 # ----------------------------------------------------------------------------------------------
-def bank_velocity(bank, x_tau, tau, chunk=500):
-    """F(x_τ) = (x_τ − E[x | x_τ])/τ over a bank, in chunks (a 100,000-point bank is 0.2 GB a chunk)."""
+def bank_velocity(bank, x_tau, tau, chunk=100):
+    """F(x_τ) = (x_τ − E[x | x_τ])/τ over a bank, in chunks (a 100,000-point bank: about 0.2 GB a chunk)."""
     means = [posterior_mean(bank, x_tau[i:i + chunk], tau[i:i + chunk]) for i in range(0, len(x_tau), chunk)]
     return (x_tau - torch.cat(means)) / tau[:, None]
 
 
+def distance_to_data(bank, points, chunk=100):
+    """Each point's distance to its nearest bank point."""
+    return torch.cat([torch.cdist(points[i:i + chunk], bank).min(1).values for i in range(0, len(points), chunk)])
+
+
 @torch.no_grad()
 def branch_table(model, data, args):
-    """Per τ′ band: each branch's error against its bank estimate where L_rectify reads it, the real
-    branch's error where it is trained, and the learned Δv against the bank Δv."""
+    """Per τ′ band: each branch's error against its bank estimate where L_rectify reads it (the real
+    branch's split by whether the one-step sample is off the data), the real branch's error where it
+    is trained, and the learned Δv against the bank Δv. bank_noise: half the difference between the
+    real-velocity estimates of the bank's two halves, about the full bank's own error: the errors
+    above include it, and it grows where the bank is sparse (off the data)."""
     norm = lambda v: v.norm(dim=1).mean().item()
     noise = lambda n: torch.randn(n, 2, device=data.device)
     real_bank = data[torch.randperm(len(data), device=data.device)[: args.table_bank]]
@@ -114,14 +125,25 @@ def branch_table(model, data, args):
     rows, n = {}, args.table_points
     for lo, hi in BANDS:
         tau = lo + (hi - lo) * torch.rand(n, device=data.device)
-        x_tau = interpolate(sample(model, noise(n), steps=1), noise(n), tau)
+        x_hat = sample(model, noise(n), steps=1)
+        x_tau = interpolate(x_hat, noise(n), tau)
+        off = distance_to_data(real_bank, x_hat) >= OFF_DATA
         real, fake = predict(model, x_tau, tau, tau)[2], predict(model, x_tau, -tau, -tau)[2]
         real_exact, fake_exact = bank_velocity(real_bank, x_tau, tau), bank_velocity(fake_bank, x_tau, tau)
         x_data_tau = interpolate(real_bank[torch.randint(len(real_bank), (n,), device=data.device)], noise(n), tau)
         real_at_data = predict(model, x_data_tau, tau, tau)[2] - bank_velocity(real_bank, x_data_tau, tau)
-        learned, exact = fake - real, fake_exact - real_exact
+        halves = real_bank.tensor_split(2)
+        noise_of = lambda x: (bank_velocity(halves[0], x, tau) - bank_velocity(halves[1], x, tau)) / 2
+        noise_at_samples, noise_at_data = noise_of(x_tau), noise_of(x_data_tau)
+        learned, exact, real_error = fake - real, fake_exact - real_exact, real - real_exact
         rows[f"{lo}-{hi}"] = {
-            "real_error": norm(real - real_exact), "fake_error": norm(fake - fake_exact),
+            "real_error": norm(real_error), "fake_error": norm(fake - fake_exact),
+            "off_data_share": off.float().mean().item(),
+            "real_error_off_data": norm(real_error[off]) if off.any() else None,
+            "real_error_on_data": norm(real_error[~off]) if (~off).any() else None,
+            "bank_noise_at_samples": norm(noise_at_samples),
+            "bank_noise_off_data": norm(noise_at_samples[off]) if off.any() else None,
+            "bank_noise_at_data": norm(noise_at_data),
             "real_error_at_data": norm(real_at_data), "|bank delta_v|": norm(exact),
             "|learned delta_v|": norm(learned), "delta_v_error": norm(learned - exact),
             "cosine": torch.nn.functional.cosine_similarity(learned, exact, dim=1).mean().item()}
@@ -145,17 +167,22 @@ def main(argv=None):
         if name == "learned":
             torch.manual_seed(args.seed + 3)
             results["branches"] = branch_table(run.model, run.data, args)
+            torch.save(run.model.state_dict(), os.path.join(args.out, name, "ema.pt"))  # for more analysis
 
     print(f"\n{args.target}, seed {args.seed}: twinflow's SWD with the learned and the bank Δv")
     for name, row in results["swd"].items():
         print(f"  {name:>8}: 1 NFE {row['nfe1']:.4f}   4 NFE {row['nfe4']:.4f}   100 NFE {row['nfe100']:.4f}")
     print("\nthe learned model, mean norms over each band (velocities in standardised coordinates):")
-    print(f"{'τ′':>10} {'real err':>9} {'fake err':>9} {'real err at data':>17} {'|bank Δv|':>10} "
-          f"{'|learned Δv|':>13} {'Δv err':>7} {'cosine':>7}")
+    print("(bank noise: the real bank's own error, at the samples, off the data, at the data)")
+    print(f"{'τ′':>10} {'real err':>9} {'(off data / on)':>16} {'off share':>10} {'fake err':>9} "
+          f"{'real err at data':>17} {'bank noise':>20} {'|bank Δv|':>10} {'|learned Δv|':>13} {'Δv err':>7} {'cosine':>7}")
+    number = lambda v: f"{v:.3f}" if v is not None else "-"
     for band, r in results["branches"].items():
-        print(f"{band:>10} {r['real_error']:9.3f} {r['fake_error']:9.3f} {r['real_error_at_data']:17.3f} "
-              f"{r['|bank delta_v|']:10.3f} {r['|learned delta_v|']:13.3f} {r['delta_v_error']:7.3f} "
-              f"{r['cosine']:+7.2f}")
+        split = f"{number(r['real_error_off_data'])} / {number(r['real_error_on_data'])}"
+        noise = f"{r['bank_noise_at_samples']:.3f} {number(r['bank_noise_off_data'])} {r['bank_noise_at_data']:.3f}"
+        print(f"{band:>10} {r['real_error']:9.3f} {split:>16} {r['off_data_share']:10.3f} {r['fake_error']:9.3f} "
+              f"{r['real_error_at_data']:17.3f} {noise:>20} {r['|bank delta_v|']:10.3f} "
+              f"{r['|learned delta_v|']:13.3f} {r['delta_v_error']:7.3f} {r['cosine']:+7.2f}")
     with open(os.path.join(args.out, "delta_v.json"), "w") as f:
         json.dump(results, f, indent=2)
     return results

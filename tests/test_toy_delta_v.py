@@ -37,13 +37,50 @@ def test_bank_delta_v_moves_the_one_step_samples_toward_the_data():
     run = toy_delta_v.run_of_toy_2d(bank=256)
     run.data = torch.tensor([3.0, 0.0]) + 0.1 * torch.randn(1000, 2)
     model = toy_2d.MLP(16)
-    with torch.no_grad():  # a model whose one-step samples sit near the origin: x̂ = z − F ≈ 0
+    with torch.no_grad():  # F = 0: the one-step samples are the noise itself, x̂ = z ~ N(0, I), around the origin
         model.net[-1].bias.zero_(), model.net[-1].weight.zero_()
     z = 0.2 * torch.randn(64, 2)
     F_one = torch.zeros(64, 2, requires_grad=True)
     run._bank_rectify_loss(model, F_one, (z - F_one).detach(), {}, max_time=0.5).sum().backward()
     assert (F_one.grad[:, 0] > 0).float().mean() > 0.9
     assert F_one.grad[:, 0].abs().max() <= 2 * 1.0 / 2 + 1e-6  # Δv clamped to [−1, 1], D = 2
+
+
+class ExactForGaussianData(torch.nn.Module):
+    """The exact velocity of data x ~ N(0, I): E[x | x_τ] = (1 − τ)/((1 − τ)² + τ²)·x_τ, for both signs
+    of t (its one-step samples are distributed as the data, so the fake field is the real one), and
+    F(z, 1, 0) = 0, so that x̂ = z ~ N(0, I)."""
+
+    def __init__(self, real_branch_scale=1.0):
+        super().__init__()
+        self.real_branch_scale = real_branch_scale
+
+    def forward(self, x_t, t, tt):
+        a = t.abs()[:, None]
+        F = (1 - (1 - a) / ((1 - a) ** 2 + a**2)) * x_t / a
+        F = torch.where((t > 0)[:, None], self.real_branch_scale * F, F)
+        return torch.where(((a == 1) & (tt[:, None] == 0)), torch.zeros_like(F), F)
+
+
+def test_branch_table_of_an_exact_model_is_bank_noise_and_of_a_wrong_one_is_not():
+    torch.manual_seed(0)
+    data = torch.randn(10_000, 2)
+    args = toy_delta_v.parser.parse_args(["--table-bank", "10000", "--table-points", "300"])
+    for band, r in toy_delta_v.branch_table(ExactForGaussianData(), data, args).items():
+        assert r["|learned delta_v|"] == 0, band  # the two branches agree exactly
+        assert r["real_error"] < 1.5 * r["bank_noise_at_samples"], band
+        assert r["fake_error"] < 1.5 * r["bank_noise_at_samples"], band
+        assert r["real_error_at_data"] < 1.5 * r["bank_noise_at_data"], band
+        assert r["|bank delta_v|"] < 2 * r["bank_noise_at_samples"], band
+        assert 0 < r["off_data_share"] < 0.2, band  # the Gaussian's tails, where the bank is sparse
+    torch.manual_seed(0)
+    wrong = toy_delta_v.branch_table(ExactForGaussianData(real_branch_scale=0.5), data, args)
+    for band, r in list(wrong.items())[1:]:  # above τ′ = 0.05, where 10,000 points are precise enough
+        assert r["real_error"] > 2 * r["bank_noise_at_samples"], band  # a real branch at half the velocity
+        assert r["real_error_at_data"] > 2 * r["bank_noise_at_data"], band
+        assert r["fake_error"] < 1.5 * r["bank_noise_at_samples"], band  # the fake branch is still exact
+        # Its Δv is F/2, but the two distributions are the same, so the exact Δv is 0: all of it is error.
+        assert r["|learned delta_v|"] > 2 * r["|bank delta_v|"] and r["delta_v_error"] > 0.8 * r["|learned delta_v|"], band
 
 
 def test_bank_velocity_is_the_same_in_chunks():
