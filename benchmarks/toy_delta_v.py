@@ -37,7 +37,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, ".."), HERE]
-import common  # noqa: E402  (the bank run swaps common.rectify_loss, see bank_delta_v())
+import common  # noqa: E402  (the bank run swaps common.rectify_loss, see run_of_toy_2d)
 import toy_2d  # noqa: E402
 from common import interpolate, per_sample_mse, predict, sample  # noqa: E402
 from toy_rectify import posterior_mean  # noqa: E402
