@@ -11,7 +11,8 @@ samples. This script runs toy_2d.py twice from the same seed:
              mean (benchmarks/toy_rectify.py's estimate). Each step it reads --bank data points and
              makes --bank one-step samples of the model L_rectify is given (the EMA, under
              TOY_LOSS), with τ′ ~ U(0.02, rectify_max_time). A diagnostic, not a method: it reads
-             the data at every step.
+             the data at every step. --exact real (or fake) takes only that branch from its bank
+             and reads the other from the model, as TOY_LOSS does: which branch's error costs more.
 
 and then, for the learned model, splits the error of its Δv between the two branches, by τ′ band:
 each branch against its own bank estimate at the points L_rectify reads it (real bank: the 100,000
@@ -22,6 +23,7 @@ is given beside the bank's own noise, which it includes (the bank is sparse off 
 
     python benchmarks/toy_delta_v.py --target checkerboard --seed 0 --out out/toy_delta_v/checkerboard_s0
     # one thread, two runs at a time: about 5.5 min (training: 66 s learned, 135 s bank)
+    python benchmarks/toy_delta_v.py --target checkerboard --seed 0 --runs bank --exact real --out ...
 
 Writes --out/learned/ and --out/bank/ (toy_2d.py's files) and --out/delta_v.json (the SWDs of both
 runs and the branch table; the branch table's Δv is unclamped, L_rectify clamps it to [−1, 1]).
@@ -50,6 +52,9 @@ parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--train-steps", type=int, default=5000)
 parser.add_argument("--width", type=int, default=256)
 parser.add_argument("--bank", type=int, default=2048, help="points per bank for the bank run's Δv, each step")
+parser.add_argument("--exact", default="both", choices=("both", "real", "fake"),
+                    help="which branch of the bank run's Δv comes from its bank; the other from the model")
+parser.add_argument("--runs", default="learned,bank", help="learned (with the branch table), bank, or both")
 parser.add_argument("--table-bank", type=int, default=100_000, help="points per bank for the branch table")
 parser.add_argument("--table-points", type=int, default=2000, help="points per τ′ band in the branch table")
 parser.add_argument("--num-eval", type=int, default=20000)
@@ -62,10 +67,11 @@ parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (t
 # ----------------------------------------------------------------------------------------------
 class run_of_toy_2d:
     """Context manager around one toy_2d.main call: keeps the EMA model and the standardised
-    training data (.model, .data); with bank=N, L_rectify gets the bank Δv from N points."""
+    training data (.model, .data); with bank=N, L_rectify gets the bank Δv from N points, of the
+    branches named by exact ("both", "real" or "fake"; the model gives the other)."""
 
-    def __init__(self, bank=None):
-        self.bank = bank
+    def __init__(self, bank=None, exact="both"):
+        self.bank, self.exact = bank, exact
 
     def __enter__(self):
         self.saved = toy_2d.train, common.rectify_loss
@@ -81,15 +87,19 @@ class run_of_toy_2d:
         return ema, logs, frames
 
     def _bank_rectify_loss(self, model, F_one_step, x_fake, cond, clamp=1.0, max_time=1.0):
-        """common.rectify_loss with Δv = (E_real[x | x_τ′] − E_fake[x | x_τ′])/τ′ from two banks.
-        Unconditional (the toys have no cond): both banks ignore cond."""
+        """common.rectify_loss with Δv = (E_real[x | x_τ′] − E_fake[x | x_τ′])/τ′ from two banks;
+        a branch not in self.exact is read from the model instead, as its x̂ = x_τ′ − τ′·F (which
+        gives back Δv = F_fake − F_real). Unconditional (the toys have no cond): the banks ignore cond."""
         with torch.no_grad():
             n, device = len(x_fake), x_fake.device
             tau = 0.02 + (max_time - 0.02) * torch.rand(n, device=device)  # the bank degrades as τ → 0
             x_tau = interpolate(x_fake, torch.randn_like(x_fake), tau)
             real_bank = self.data[torch.randint(len(self.data), (self.bank,), device=device)]
             fake_bank = sample(model, torch.randn(self.bank, *x_fake.shape[1:], device=device), steps=1)
-            delta_v = (posterior_mean(real_bank, x_tau, tau) - posterior_mean(fake_bank, x_tau, tau))
+            exact = lambda branch: self.exact in ("both", branch)
+            real_mean = posterior_mean(real_bank, x_tau, tau) if exact("real") else predict(model, x_tau, tau, tau)[0]
+            fake_mean = posterior_mean(fake_bank, x_tau, tau) if exact("fake") else predict(model, x_tau, -tau, -tau)[0]
+            delta_v = real_mean - fake_mean
             delta_v = (delta_v / tau[:, None]).clamp(-clamp, clamp)
         return per_sample_mse(F_one_step, (F_one_step - delta_v).detach())
 
@@ -159,9 +169,12 @@ def main(argv=None):
                     "--train-steps", str(args.train_steps), "--width", str(args.width),
                     "--num-eval", str(args.num_eval), "--device", args.device]
     results = {"target": args.target, "seed": args.seed, "train_steps": args.train_steps,
-               "bank": args.bank, "loss_settings": toy_2d.TOY_LOSS, "swd": {}}
-    for name, bank in (("learned", None), ("bank", args.bank)):
-        with run_of_toy_2d(bank) as run:
+               "bank": args.bank, "exact": args.exact, "loss_settings": toy_2d.TOY_LOSS, "swd": {}}
+    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    if not runs or set(runs) - {"learned", "bank"}:
+        raise SystemExit(f"error: --runs {args.runs}: expected learned, bank or learned,bank")
+    for name in [name for name in ("learned", "bank") if name in runs]:
+        with run_of_toy_2d(args.bank if name == "bank" else None, args.exact) as run:
             report = toy_2d.main(common_flags + ["--out", os.path.join(args.out, name)])
         results["swd"][name] = {**report["twinflow"], "train_seconds": report["train_seconds"]["twinflow"]}
         if name == "learned":
@@ -169,9 +182,12 @@ def main(argv=None):
             results["branches"] = branch_table(run.model, run.data, args)
             torch.save(run.model.state_dict(), os.path.join(args.out, name, "ema.pt"))  # for more analysis
 
-    print(f"\n{args.target}, seed {args.seed}: twinflow's SWD with the learned and the bank Δv")
+    print(f"\n{args.target}, seed {args.seed}: twinflow's SWD with the learned and the bank Δv"
+          f" (the bank's: {'both branches' if args.exact == 'both' else 'the ' + args.exact + ' branch'})")
     for name, row in results["swd"].items():
         print(f"  {name:>8}: 1 NFE {row['nfe1']:.4f}   4 NFE {row['nfe4']:.4f}   100 NFE {row['nfe100']:.4f}")
+    if "branches" not in results:
+        return write(results, args)
     print("\nthe learned model, mean norms over each band (velocities in standardised coordinates):")
     print("(bank noise: the real bank's own error, at the samples, off the data, at the data)")
     print(f"{'τ′':>10} {'real err':>9} {'(off data / on)':>16} {'off share':>10} {'fake err':>9} "
@@ -183,6 +199,11 @@ def main(argv=None):
         print(f"{band:>10} {r['real_error']:9.3f} {split:>16} {r['off_data_share']:10.3f} {r['fake_error']:9.3f} "
               f"{r['real_error_at_data']:17.3f} {noise:>20} {r['|bank delta_v|']:10.3f} "
               f"{r['|learned delta_v|']:13.3f} {r['delta_v_error']:7.3f} {r['cosine']:+7.2f}")
+    return write(results, args)
+
+
+def write(results, args):
+    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "delta_v.json"), "w") as f:
         json.dump(results, f, indent=2)
     return results
