@@ -105,3 +105,22 @@ def test_bank_velocity_is_the_same_in_chunks():
     bank, x_tau, tau = torch.randn(300, 2), torch.randn(70, 2), 0.05 + 0.9 * torch.rand(70)
     whole = (x_tau - toy_delta_v.posterior_mean(bank, x_tau, tau)) / tau[:, None]
     torch.testing.assert_close(toy_delta_v.bank_velocity(bank, x_tau, tau, chunk=16), whole)
+
+
+def test_a_branch_read_from_the_model_is_the_models_own():
+    """Gaussian data, and a model whose fake branch is exact and whose real branch runs at half the
+    exact velocity. exact="real" pairs the bank's real branch with the model's (exact) fake one: Δv
+    is the bank's noise, with no direction. exact="fake" reads the model's half-speed real branch:
+    Δv = F − F/2 = F/2, pointing at the origin as F does (∇_F L = Δv here, D = 2)."""
+    pulls = {}
+    for exact in ("real", "fake"):
+        torch.manual_seed(0)
+        run = toy_delta_v.run_of_toy_2d(bank=2048, exact=exact)
+        run.data = torch.randn(10_000, 2)
+        z = torch.randn(512, 2)
+        F_one = torch.zeros(512, 2, requires_grad=True)
+        run._bank_rectify_loss(ExactForGaussianData(real_branch_scale=0.5), F_one, z, {}, max_time=0.5).sum().backward()
+        toward_origin = ((F_one.grad * z).sum(1) < 0).float().mean()
+        pulls[exact] = (F_one.grad.norm(dim=1).mean(), toward_origin)
+    assert 0.35 < pulls["real"][1] < 0.65 and pulls["fake"][1] > 0.8
+    assert pulls["fake"][0] > 1.5 * pulls["real"][0]
