@@ -28,7 +28,8 @@ is given beside the bank's own noise, which it includes (the bank is sparse off 
 Writes --out/learned/ and --out/bank/ (toy_2d.py's files) and --out/delta_v.json (the SWDs of both
 runs and the branch table; the branch table's Δv is unclamped, L_rectify clamps it to [−1, 1]).
 The numbers in benchmarks/toy_findings.md ("The learned Δv is a limit") are
-this script's output for seeds 0–7 on both targets (assets/toy_delta_v/).
+this script's output for seeds 0–7 on both targets (assets/toy_delta_v/), and with
+--runs bank --exact real (or fake) in assets/toy_delta_v/exact_real/ (exact_fake/).
 """
 import argparse
 import json
