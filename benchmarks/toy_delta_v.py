@@ -97,6 +97,8 @@ class run_of_toy_2d:
             x_tau = interpolate(x_fake, torch.randn_like(x_fake), tau)
             real_bank = self.data[torch.randint(len(self.data), (self.bank,), device=device)]
             fake_bank = sample(model, torch.randn(self.bank, *x_fake.shape[1:], device=device), steps=1)
+            # Both banks are drawn even when --exact uses only one: the runs of every --exact then draw
+            # the same random numbers, so their differences are the branch's, not a reshuffled seed's.
             exact = lambda branch: self.exact in ("both", branch)
             real_mean = posterior_mean(real_bank, x_tau, tau) if exact("real") else predict(model, x_tau, tau, tau)[0]
             fake_mean = posterior_mean(fake_bank, x_tau, tau) if exact("fake") else predict(model, x_tau, -tau, -tau)[0]
