@@ -1,7 +1,7 @@
 """What one training step costs: flow matching vs RCGM vs TwinFlow, same model and batch.
 
     python benchmarks/step_cost.py                       # a small conv net on 32×32 images
-    python benchmarks/step_cost.py --model mlp --batch 512   # the toy_2d.py MLP
+    python benchmarks/step_cost.py --model mlp --width 256 --batch 512   # the toy_2d.py MLP
     python benchmarks/step_cost.py --model unet --batch 32   # cifar_twinflow.py's UNet (--unet-preset cpu|gpu)
     python benchmarks/step_cost.py --model dit --dit S/2 --batch 16   # imagenet_twinflow.py's transformer
     python benchmarks/step_cost.py --model qwen --batch 8     # a 2-block Qwen-Image-shaped transformer
