@@ -209,11 +209,12 @@ class UNet(nn.Module):
 # Checkpoints: atomic (write, then rename), with everything an exact resume needs
 # ----------------------------------------------------------------------------------------------
 def save_checkpoint(path, model, ema, opt, step, logs, args):
+    device = next(model.parameters()).device
     state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
              "logs": logs, "config": {k: v for k, v in vars(args).items()},
-             "rng": {"cpu": torch.get_rng_state(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                     "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None}}
+             "rng": {"cpu": torch.get_rng_state(),  # and the generator of the device we train on, if any
+                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                     "mps": torch.mps.get_rng_state() if device.type == "mps" else None}}
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)  # a crash mid-write leaves the previous checkpoint intact
 
@@ -241,7 +242,7 @@ def build_model(config):
 def train(args, rank, world, device):
     torch.manual_seed(args.seed)  # the same initial weights on every rank and for every method
     model = build_model(vars(args)).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)  # eval: no dropout in the targets it builds
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     step, logs = 0, []
     path = os.path.join(args.out, "checkpoint.pt")
@@ -253,11 +254,13 @@ def train(args, rank, world, device):
                                  f"not {getattr(args, key)}")
         model.load_state_dict(state["model"]), ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
+        for group in opt.param_groups:  # the saved state brings its lr back; a new --lr must win
+            group["lr"] = args.lr
         step, logs = state["step"], state["logs"]
         torch.set_rng_state(state["rng"]["cpu"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        if state["rng"].get("mps") is not None and torch.backends.mps.is_available():
+        if state["rng"]["cuda"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        if state["rng"].get("mps") is not None and device.type == "mps":
             torch.mps.set_rng_state(state["rng"]["mps"])
     if world > 1:  # each rank draws its own batches; exact resume holds for single-process runs
         torch.manual_seed(args.seed + 1000 * rank + step)
@@ -293,7 +296,10 @@ def train(args, rank, world, device):
                                  f"try a lower --lr, then --resume")
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            if not torch.isfinite(grad_norm):  # (the same on every rank: DDP averaged the gradients)
+                raise SystemExit(f"error: {args.method}: gradient norm is {grad_norm.item()} at step {step}; "
+                                 f"try a lower --lr, then --resume")
             opt.step()
             update_ema(ema, model, args.ema, step)
             if step % args.log_every == 0:

@@ -697,6 +697,8 @@ def train(args, rank, world, device):
         if not found:
             raise SystemExit(f"error: --resume: no checkpoint in {args.out}/checkpoints")
         step, logs = load_checkpoint(found[-1], model, ema, opt, rank, world, args.method)
+        for group in opt.param_groups:  # the saved state brings its lr back; a new --lr must win
+            group["lr"] = args.lr
         last_saved = (step, found[-1])
     velocity = velocity_fn(model, cache.meta["grid"])
     target_model = velocity_fn(ema, cache.meta["grid"]) if ema is not None else velocity
@@ -737,7 +739,11 @@ def train(args, rank, world, device):
                                  f"try a lower --lr, then --resume")
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.clip)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # (a DTensor)
+            if not torch.isfinite(grad_norm):  # (the same on every rank: the norm is over all the shards)
+                raise SystemExit(f"error: {args.method}: gradient norm is {grad_norm.item()} at step {step}; "
+                                 f"try a lower --lr, then --resume")
             opt.step()
             if ema is not None:
                 update_ema(ema, model, args.ema, step)

@@ -145,6 +145,31 @@ def test_nan_loss_stops_without_touching_the_last_checkpoint(data_root, tmp_path
     assert (out / "checkpoint.pt").read_bytes() == before
 
 
+def test_an_infinite_gradient_stops_before_the_update(data_root, tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    mnist_twinflow.main(tiny(data_root, out, "--train-steps", "2"))
+    before = (out / "checkpoint.pt").read_bytes()
+
+    def finite_loss_infinite_gradient(*args, **kwargs):
+        loss, terms = original(*args, **kwargs)
+        loss.register_hook(lambda grad: grad * float("inf"))  # the value stays finite
+        return loss, terms
+
+    original = mnist_twinflow.training_loss
+    monkeypatch.setattr(mnist_twinflow, "training_loss", finite_loss_infinite_gradient)
+    with pytest.raises(SystemExit, match="gradient norm is (inf|nan) at step 2"):
+        mnist_twinflow.main(tiny(data_root, out, "--resume", "--ckpt-every", "1"))
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_a_new_lr_holds_after_resume(data_root, tmp_path):
+    out = tmp_path / "o"
+    mnist_twinflow.main(tiny(data_root, out, "--train-steps", "2"))
+    mnist_twinflow.main(tiny(data_root, out, "--resume", "--lr", "1e-5"))
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 4 and state["opt"]["param_groups"][0]["lr"] == 1e-5
+
+
 def test_sample_mode_writes_grids_and_evenly_spread_classes(data_root, tmp_path):
     out = tmp_path / "o"
     mnist_twinflow.main(tiny(data_root, out, "--method", "rcgm", "--train-steps", "2"))
