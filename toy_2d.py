@@ -198,11 +198,14 @@ def train(method, pool, args, device, gif_noise, normalize, denormalize):
             break
         x = data[torch.randint(len(data), (args.batch,), device=device)]
         loss, terms = training_loss(model, ema, x, method=method, **({} if args.authors_loss else TOY_LOSS))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{method}: loss is {loss.item()} at step {step}; stopping")
+        if not torch.isfinite(loss):  # stop with a clear error: never train on through a NaN
+            raise SystemExit(f"error: {method}: loss is {loss.item()} at step {step}; try a lower --lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if not torch.isfinite(grad_norm):
+            raise SystemExit(f"error: {method}: gradient norm is {grad_norm.item()} at step {step}; "
+                             "try a lower --lr")
         opt.step()
         update_ema(ema, model, args.ema, step)
         if step % 10 == 0:
@@ -309,6 +312,11 @@ def main(argv=None):
         parser.error(f"--methods must be a comma-separated subset of {','.join(METHODS)}, got {args.methods!r}")
     if args.batch < 4:
         parser.error(f"--batch must be at least 4 (twinflow splits each batch into 4 parts), got {args.batch}")
+    for name in ("train_steps", "many_steps", "num_eval", "width"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.lr <= 0 or not 0 <= args.ema < 1:
+        parser.error(f"--lr must be > 0 and --ema in [0, 1), got {args.lr} and {args.ema}")
     device = pick_device(args.device)
     rng = np.random.default_rng(args.seed)
     pool, reference, reference_2 = load_data(args, rng)

@@ -83,6 +83,16 @@ def test_bad_flags_are_clear_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         toy_2d.main(["--batch", "2", "--out", str(tmp_path)])
     assert "--batch must be at least 4" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        toy_2d.main(["--train-steps", "0", "--out", str(tmp_path)])
+    assert "--train-steps must be at least 1" in capsys.readouterr().err
+
+
+def test_a_nan_loss_is_a_one_line_error(tmp_path, monkeypatch):
+    nan_loss = lambda *args, **kwargs: (torch.tensor(float("nan"), requires_grad=True), {})
+    monkeypatch.setattr(toy_2d, "training_loss", nan_loss)
+    with pytest.raises(SystemExit, match="error: rcgm: loss is nan at step 0"):
+        toy_2d.main(["--methods", "rcgm", "--train-steps", "2", "--num-eval", "50", "--out", str(tmp_path)])
 
 
 def test_unavailable_device_is_a_clear_error(tmp_path):
