@@ -183,7 +183,7 @@ def train(variant, data, args):
             loss, _ = common.training_loss(model, ema, x, method=method, rectify_weight=rectify_weight,
                                            adv_weight=adv_weight)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"{variant}: loss is {loss.item()} at step {step}")
+                raise SystemExit(f"error: {variant}: loss is {loss.item()} at step {step}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
