@@ -13,7 +13,8 @@ by default (the literature's setting), and FID with Inception features instead o
 
 A training run writes to --out: checkpoint.pt (model, EMA, optimizer, step, RNG; replaced
 atomically every --ckpt-every steps), grids.png and grid_nfe*.png (8×8 at 1, 2, 4 NFE and many
-steps, from the EMA), losses.png and train.json (the global batch, time, config).
+steps, from the EMA), losses.png and train.json (the global batch, time, config). --sample and
+--fid write beside --ckpt unless --out is given.
 
 FID protocol (--fid): --num-fid samples (default 50,000) from the EMA weights at --nfe, against the
 50,000 CIFAR-10 training images, with torchmetrics' FrechetInceptionDistance (2048-d pool features
@@ -80,7 +81,7 @@ parser.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipp
 parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
 parser.add_argument("--compile", action="store_true", help="torch.compile the training model")
 parser.add_argument("--many-steps", type=int, default=32, help="NFE of the 'many steps' column")
-parser.add_argument("--out", default=None, help="default: out/cifar_{method}")
+parser.add_argument("--out", default=None, help="default: out/cifar_{method} (--sample / --fid: --ckpt's folder)")
 parser.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
 parser.add_argument("--ckpt-every", type=int, default=5000)
 parser.add_argument("--log-every", type=int, default=50)
@@ -96,6 +97,8 @@ parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
 def parse_args(argv=None):
     preset = parser.parse_known_args(argv)[0].preset
     args = parser.parse_args(argv, argparse.Namespace(**PRESETS[preset]))
+    if (args.sample or args.fid) and args.ckpt and not args.out:  # write beside the checkpoint, not over another run
+        args.out = os.path.dirname(os.path.abspath(args.ckpt))
     args.out = args.out or f"out/cifar_{args.method}"
     try:
         args.mult = [int(m) for m in str(args.mult).split(",")]
@@ -108,9 +111,14 @@ def parse_args(argv=None):
         parser.error("--sample and --fid need --ckpt PATH")
     if args.kappa and not args.class_cond:
         parser.error("--kappa (the enhanced target) needs --class-cond: guidance needs a class and a null class")
-    for name in ("train_steps", "batch", "num_fid", "nfe", "many_steps", "ckpt_every", "log_every", "blocks"):
+    for name in ("train_steps", "batch", "num_fid", "nfe", "many_steps", "ckpt_every", "log_every", "blocks", "order"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not (0 <= args.ema < 1 and 0 <= args.label_dropout < 1):
+        parser.error(f"--ema and --label-dropout must be in [0, 1), got {args.ema} and {args.label_dropout}")
+    if args.kappa and not args.label_dropout:
+        parser.error("--kappa needs --label-dropout > 0: the enhanced target reads the null class, "
+                     "which only dropout trains")
     return args
 
 

@@ -18,7 +18,8 @@ flipped copies, AutoencoderKL from diffusers (--vae: a hub id or a local folder)
 the posterior and multiplied by the VAE's scaling factor, written as shard_NNNNN.pt files of
 {"latents": float16 (n, C, h, w), "labels": (n,)} plus meta.json (VAE, scaling factor, classes).
 Training writes checkpoint.pt (atomic, with EMA, optimizer, step, RNG) and train.json; --sample writes
-grid_nfe*.png (rows: --classes); --fid writes fid.json (protocol: README, and the fid() docstring).
+grid_nfe*.png (rows: --classes); --fid writes fid.json (protocol: README, and the fid() docstring);
+both write beside --ckpt unless --out is given.
 """
 import argparse
 import copy
@@ -73,7 +74,7 @@ parser.add_argument("--label-dropout", type=float, default=0.1, help="share of l
 parser.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
 parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
 parser.add_argument("--compile", action="store_true", help="torch.compile the training model")
-parser.add_argument("--out", default=None, help="default: out/imagenet_{method}")
+parser.add_argument("--out", default=None, help="default: out/imagenet_{method} (--sample / --fid: --ckpt's folder)")
 parser.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
 parser.add_argument("--ckpt-every", type=int, default=10_000)
 parser.add_argument("--log-every", type=int, default=100)
@@ -92,6 +93,8 @@ parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
 
 def parse_args(argv=None):
     args = parser.parse_args(argv)
+    if (args.sample or args.fid) and args.ckpt and not args.out:  # write beside the checkpoint, not over another run
+        args.out = os.path.dirname(os.path.abspath(args.ckpt))
     args.out = args.out or f"out/imagenet_{args.method}"
     depth, hidden, heads = MODELS[args.model]
     args.depth, args.hidden, args.heads = args.depth or depth, args.hidden or hidden, args.heads or heads
@@ -104,9 +107,14 @@ def parse_args(argv=None):
     if args.fid and not args.fid_ref:
         parser.error("--fid needs --fid-ref (e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")
     for name in ("train_steps", "batch", "num_fid", "nfe", "many_steps", "ckpt_every", "log_every", "per_class",
-                 "shard_size", "resolution"):
+                 "shard_size", "resolution", "order"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not (0 <= args.ema < 1 and 0 <= args.label_dropout < 1):
+        parser.error(f"--ema and --label-dropout must be in [0, 1), got {args.ema} and {args.label_dropout}")
+    if args.kappa and not args.label_dropout:
+        parser.error("--kappa needs --label-dropout > 0: the enhanced target reads the null class, "
+                     "which only dropout trains")
     return args
 
 
@@ -182,6 +190,7 @@ def extract(args, rank, world, device):
     todo = [k for k in shards if k % world == rank
             and not os.path.exists(os.path.join(args.latents, f"shard_{k:05d}.pt"))]  # resumable
     for k in tqdm(todo, desc=f"rank {rank} shards", disable=rank != 0):
+        torch.manual_seed(args.seed + k)  # the posterior's draws: a shard is the same if extracted again
         part = torch.utils.data.Subset(dataset, range(k * args.shard_size, min((k + 1) * args.shard_size, len(dataset))))
         latents, labels = [], []
         for x, y in torch.utils.data.DataLoader(part, batch_size=64, num_workers=args.workers):
@@ -199,8 +208,9 @@ def extract(args, rank, world, device):
         meta = {"vae": args.vae, "scaling_factor": vae.config.scaling_factor, "resolution": args.resolution,
                 "num_classes": len(dataset.classes), "classes": dataset.classes, "images": len(dataset),
                 "flip_copies": args.flip_copies, "shards": len(shards)}
-        with open(os.path.join(args.latents, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=2)
+        with open(os.path.join(args.latents, "meta.json.tmp"), "w") as f:  # meta.json marks a finished
+            json.dump(meta, f, indent=2)                                       # extraction: write it whole
+        os.replace(os.path.join(args.latents, "meta.json.tmp"), os.path.join(args.latents, "meta.json"))
         print(f"wrote {len(shards)} shards of latents for {len(dataset)} images to {args.latents}")
 
 
@@ -209,11 +219,20 @@ def load_latents(folder):
     meta_path = os.path.join(folder, "meta.json")
     if not os.path.isfile(meta_path):
         raise SystemExit(f"error: --latents {folder}: no meta.json; run --extract first")
-    meta = json.load(open(meta_path))
+    try:
+        meta = json.load(open(meta_path))
+        expected = meta["shards"]
+    except (ValueError, KeyError) as e:
+        raise SystemExit(f"error: {meta_path}: unreadable ({type(e).__name__}); run --extract again")
     paths = sorted(glob.glob(os.path.join(folder, "shard_*.pt")))
-    if len(paths) != meta["shards"]:
-        raise SystemExit(f"error: --latents {folder}: {len(paths)} of {meta['shards']} shards; finish --extract")
-    shards = [torch.load(p) for p in paths]
+    if len(paths) != expected:
+        raise SystemExit(f"error: --latents {folder}: {len(paths)} of {expected} shards; finish --extract")
+    shards = []
+    for path in paths:
+        try:
+            shards.append(torch.load(path))
+        except Exception as e:
+            raise SystemExit(f"error: {path}: unreadable ({type(e).__name__}); delete it and run --extract again")
     return torch.cat([s["latents"] for s in shards]), torch.cat([s["labels"] for s in shards]), meta
 
 

@@ -15,7 +15,8 @@ enhanced target (training-time guidance, κ), checkpoints, and an offline qualit
 A training run writes to --out: checkpoint.pt (model, EMA, optimizer, step, RNG; replaced
 atomically every --ckpt-every steps), grids.png (10×10, one row per class, at 1, 2, 4 NFE and
 many steps), grid_nfe*.png, losses.png and metrics.json. --sample writes the grids and
-samples_nfe{N}.pt = {"samples": (N, 1, 28, 28) in [−1, 1], "labels": (N,)}, classes spread evenly.
+samples_nfe{N}.pt = {"samples": (N, 1, 28, 28) in [−1, 1], "labels": (N,)}, classes spread evenly;
+--sample and --eval write beside --ckpt unless --out is given.
 
 The metric (offline, no Inception weights needed): a small CNN classifier trained once on the MNIST
 training split and cached (--classifier). We report the share of class-conditional samples it
@@ -75,7 +76,7 @@ parser.add_argument("--many-steps", type=int, default=32, help="NFE of the 'many
 parser.add_argument("--num-eval", type=int, default=5000, help="samples per metric")
 parser.add_argument("--classifier", default="out/mnist_classifier.pt", help="the evaluator, trained if missing")
 parser.add_argument("--classifier-epochs", type=int, default=2)
-parser.add_argument("--out", default=None, help="default: out/mnist_{method}")
+parser.add_argument("--out", default=None, help="default: out/mnist_{method} (--sample / --eval: --ckpt's folder)")
 parser.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
 parser.add_argument("--ckpt-every", type=int, default=500)
 parser.add_argument("--log-every", type=int, default=10)
@@ -91,6 +92,8 @@ parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
 def parse_args(argv=None):
     preset = parser.parse_known_args(argv)[0].preset
     args = parser.parse_args(argv, argparse.Namespace(**PRESETS[preset]))
+    if (args.sample or args.eval) and args.ckpt and not args.out:  # write beside the checkpoint, not over another run
+        args.out = os.path.dirname(os.path.abspath(args.ckpt))
     args.out = args.out or f"out/mnist_{args.method}"
     try:
         args.channels = [int(c) for c in str(args.channels).split(",")]
@@ -99,9 +102,14 @@ def parse_args(argv=None):
         parser.error(f"--channels: three multiples of 8, like 32,64,64; got {args.channels!r}")
     if (args.sample or args.eval) and not args.ckpt:
         parser.error("--sample and --eval need --ckpt PATH")
-    for name in ("train_steps", "batch", "num_eval", "num", "nfe", "many_steps", "ckpt_every", "log_every"):
+    for name in ("train_steps", "batch", "num_eval", "num", "nfe", "many_steps", "ckpt_every", "log_every", "order"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not (0 <= args.ema < 1 and 0 <= args.label_dropout < 1):
+        parser.error(f"--ema and --label-dropout must be in [0, 1), got {args.ema} and {args.label_dropout}")
+    if args.kappa and not args.label_dropout:
+        parser.error("--kappa needs --label-dropout > 0: the enhanced target reads the null class, "
+                     "which only dropout trains")
     return args
 
 

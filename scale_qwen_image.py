@@ -119,9 +119,14 @@ def parse_args(argv=None):
     if not (args.plan or args.precompute or args.export or args.sample or args.cache):
         parser.error("training needs --cache (written by --precompute)")
     for name in ("train_steps", "batch", "ckpt_every", "log_every", "shard_size", "encode_batch", "keep",
-                 "max_text_len"):
+                 "max_text_len", "order"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not (0 <= args.ema < 1 and 0 <= args.text_dropout < 1):
+        parser.error(f"--ema and --text-dropout must be in [0, 1), got {args.ema} and {args.text_dropout}")
+    if args.kappa and not args.text_dropout:
+        parser.error("--kappa needs --text-dropout > 0: the enhanced target reads the empty prompt, "
+                     "which only dropout trains")
     if not all(k.strip().isdigit() and int(k) >= 1 for k in args.nfe.split(",")):
         parser.error(f"--nfe {args.nfe}: comma-separated step counts of at least 1, e.g. 1,2,4")
     if args.sample and not any(p.strip() for p in args.prompts.split("|")):
@@ -306,8 +311,9 @@ def precompute(args, rank, world, device):
         dist.barrier()  # every rank's shards are on disk
     if rank == 0:
         meta = {**settings, "shards": len(shards), "grid": [args.resolution // 16] * 2}
-        with open(os.path.join(args.cache, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=2)
+        with open(os.path.join(args.cache, "meta.json.tmp"), "w") as f:  # meta.json marks a finished
+            json.dump(meta, f, indent=2)                                     # --precompute: write it whole
+        os.replace(os.path.join(args.cache, "meta.json.tmp"), os.path.join(args.cache, "meta.json"))
         print(f"wrote {len(shards)} shards for {len(pairs)} pairs to {args.cache}")
 
 
@@ -319,7 +325,10 @@ class Cache:
         meta_path = os.path.join(folder, "meta.json")
         if not os.path.isfile(meta_path):
             raise SystemExit(f"error: --cache {folder}: no meta.json; run --precompute first")
-        self.meta = json.load(open(meta_path))
+        try:
+            self.meta = json.load(open(meta_path))
+        except ValueError as e:
+            raise SystemExit(f"error: {meta_path}: unreadable ({e}); run --precompute again")
         paths = sorted(glob.glob(os.path.join(folder, "shard_*.pt")))
         if len(paths) != self.meta["shards"]:
             raise SystemExit(f"error: --cache {folder}: {len(paths)} of {self.meta['shards']} shards; "

@@ -7,6 +7,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # before diffusers is imported: hub look-ups fail fast
 
 import json  # noqa: E402
+import shutil  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -63,10 +64,12 @@ def test_extraction_writes_shards_with_labels_and_resumes(assets, latents):
     assert x.shape == (12, 4, 8, 8) and x.dtype == torch.float16  # 6 images + 6 mirrored, 16 px / 2
     assert sorted(y.tolist()) == [0] * 6 + [1] * 6
     before = {p: os.path.getmtime(latents / p) for p in ("shard_00000.pt", "shard_00001.pt")}
+    second = torch.load(latents / "shard_00001.pt")
     os.remove(latents / "shard_00001.pt")  # as if the run had stopped after the first shard
     imagenet_twinflow.main(flags(assets, "--extract", "--image-dir", str(assets / "images"), "--flip-copies",
                                  "--shard-size", "4"))
     assert os.path.getmtime(latents / "shard_00000.pt") == before["shard_00000.pt"]  # not redone
+    assert torch.equal(torch.load(latents / "shard_00001.pt")["latents"], second["latents"])  # seeded draws
     assert imagenet_twinflow.load_latents(str(latents))[0].shape == (12, 4, 8, 8)
     with pytest.raises(SystemExit, match="holds shards made with"):  # other settings must not mix in
         imagenet_twinflow.main(flags(assets, "--extract", "--image-dir", str(assets / "images"), "--shard-size", "3"))
@@ -81,6 +84,17 @@ def test_missing_inputs_are_one_line_errors(assets, tmp_path):
         with pytest.raises(SystemExit) as e:
             imagenet_twinflow.main(flags(assets, "--out", str(tmp_path / "o")) + extra)
         assert message in str(e.value) and "\n" not in str(e.value), extra
+
+
+def test_corrupt_latents_are_one_line_errors(latents, tmp_path):
+    copy = tmp_path / "latents"
+    shutil.copytree(latents, copy)
+    (copy / "shard_00001.pt").write_bytes(b"half a shard")
+    with pytest.raises(SystemExit, match="shard_00001.pt: unreadable .*delete it"):
+        imagenet_twinflow.load_latents(str(copy))
+    (copy / "meta.json").write_text("{")
+    with pytest.raises(SystemExit, match="meta.json: unreadable"):
+        imagenet_twinflow.load_latents(str(copy))
 
 
 def test_bad_flags_are_refused(assets):

@@ -60,7 +60,8 @@ def test_missing_data_is_a_one_line_error_naming_the_flag(tmp_path):
 
 
 def test_bad_flags_are_refused(data_root, tmp_path):
-    for flags in (["--channels", "8,16"], ["--batch", "2"], ["--sample"], ["--train-steps", "0"]):
+    for flags in (["--channels", "8,16"], ["--batch", "2"], ["--sample"], ["--train-steps", "0"], ["--order", "0"],
+                  ["--ema", "1"], ["--label-dropout", "0"]):  # (the last: κ > 0 needs a trained null class)
         with pytest.raises(SystemExit) as e:
             mnist_twinflow.main(tiny(data_root, tmp_path / "o") + flags)
         assert e.value.code == 2, flags  # argparse's usage error
@@ -179,6 +180,13 @@ def test_sample_mode_writes_grids_and_evenly_spread_classes(data_root, tmp_path)
     assert saved["samples"].shape == (30, 1, 28, 28) and saved["samples"].abs().max() <= 1
     assert torch.bincount(saved["labels"]).tolist() == [3] * 10
     assert (tmp_path / "s" / "grids.png").stat().st_size > 0
+
+
+def test_sample_and_eval_write_beside_their_checkpoint_unless_told():
+    ckpt = os.path.join("runs", "rcgm_a", "checkpoint.pt")
+    assert mnist_twinflow.parse_args(["--eval", "--ckpt", ckpt]).out == os.path.abspath(os.path.dirname(ckpt))
+    assert mnist_twinflow.parse_args(["--sample", "--ckpt", ckpt, "--out", "s"]).out == "s"
+    assert mnist_twinflow.parse_args(["--method", "rcgm"]).out == "out/mnist_rcgm"  # training
 
 
 def free_port():
