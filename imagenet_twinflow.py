@@ -104,6 +104,11 @@ def parse_args(argv=None):
         parser.error("--extract needs --image-dir")
     if (args.sample or args.fid) and not args.ckpt:
         parser.error("--sample and --fid need --ckpt PATH")
+    try:
+        args.classes = [int(c) for c in str(args.classes).split(",")]
+        assert min(args.classes) >= 0
+    except (ValueError, AssertionError):
+        parser.error(f"--classes: comma-separated class indices, like 207,360; got {args.classes!r}")
     if args.fid and not args.fid_ref:
         parser.error("--fid needs --fid-ref (e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")
     for name in ("train_steps", "batch", "num_fid", "nfe", "many_steps", "ckpt_every", "log_every", "per_class",
@@ -462,10 +467,9 @@ def generate(model, vae, meta, method, labels, nfe, many_steps, generator, batch
 
 def write_grids(model, vae, meta, method, args):
     """grid_nfe{k}.png: one row per class in --classes, --per-class samples each."""
-    classes = [int(c) for c in args.classes.split(",")]
-    if max(classes) >= meta["num_classes"]:
+    if max(args.classes) >= meta["num_classes"]:
         raise SystemExit(f"error: --classes {args.classes}: the model has {meta['num_classes']} classes")
-    labels = torch.tensor(classes).repeat_interleave(args.per_class)
+    labels = torch.tensor(args.classes).repeat_interleave(args.per_class)
     for nfe in [1, 2, 4, args.many_steps]:
         images = generate(model, vae, meta, method, labels, nfe, args.many_steps,
                           torch.Generator().manual_seed(args.seed + 2))

@@ -98,7 +98,8 @@ def test_corrupt_latents_are_one_line_errors(latents, tmp_path):
 
 
 def test_bad_flags_are_refused(assets):
-    for extra in (["--fid", "--ckpt", "x.pt"], ["--hidden", "30", "--heads", "4"], ["--sample"], ["--extract"]):
+    for extra in (["--fid", "--ckpt", "x.pt"], ["--hidden", "30", "--heads", "4"], ["--sample"], ["--extract"],
+                  ["--classes", "1,x"], ["--order", "0"]):
         with pytest.raises(SystemExit) as e:
             imagenet_twinflow.main(flags(assets) + extra)
         assert e.value.code == 2, extra
