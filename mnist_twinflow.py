@@ -260,7 +260,10 @@ def train(args, rank, world, device):
             if state["config"][key] != getattr(args, key):
                 raise SystemExit(f"error: --resume {path}: trained with --{key} {state['config'][key]}, "
                                  f"not {getattr(args, key)}")
-        model.load_state_dict(state["model"]), ema.load_state_dict(state["ema"])
+        try:
+            model.load_state_dict(state["model"]), ema.load_state_dict(state["ema"])
+        except RuntimeError as e:  # (the flags checked above match, the shapes do not: other data?)
+            raise SystemExit(f"error: --resume {path}: does not fit this model ({str(e).splitlines()[0]})")
         opt.load_state_dict(state["opt"])
         for group in opt.param_groups:  # the saved state brings its lr back; a new --lr must win
             group["lr"] = args.lr
@@ -506,8 +509,12 @@ def main(argv=None):
     if args.sample or args.eval:
         device = pick_device(args.device)
         state = load_checkpoint(args.ckpt, "--ckpt")
-        model = build_model(state["config"]).to(device)
-        model.load_state_dict(state["ema"])
+        try:  # a checkpoint of another model, or of other data, does not fit
+            model = build_model(state["config"]).to(device)
+            model.load_state_dict(state["ema"])
+        except (KeyError, TypeError, RuntimeError) as e:
+            raise SystemExit(f"error: --ckpt {args.ckpt}: does not fit this script's model "
+                             f"({type(e).__name__}: {str(e).splitlines()[0]})")
         model.eval().requires_grad_(False)
         method = state["config"]["method"]
         os.makedirs(args.out, exist_ok=True)

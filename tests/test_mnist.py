@@ -111,6 +111,12 @@ def test_a_corrupt_or_foreign_checkpoint_is_a_clear_error(data_root, tmp_path):
         mnist_twinflow.main(tiny(data_root, out, "--resume"))
     with pytest.raises(SystemExit, match="no such checkpoint"):
         mnist_twinflow.main(tiny(data_root, out, "--sample", "--ckpt", str(out / "missing.pt")))
+    mnist_twinflow.main(tiny(data_root, tmp_path / "t", "--train-steps", "1"))
+    state = torch.load(tmp_path / "t" / "checkpoint.pt", weights_only=False)
+    state["config"]["channels"] = [16, 16, 16]  # all the keys, but another model's shapes
+    torch.save(state, out / "checkpoint.pt")
+    with pytest.raises(SystemExit, match="does not fit this script's model"):
+        mnist_twinflow.main(tiny(data_root, out, "--sample", "--ckpt", str(out / "checkpoint.pt")))
 
 
 def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(data_root, tmp_path, monkeypatch):
