@@ -97,6 +97,19 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(data_root, tmp_pat
         cifar_twinflow.main(tiny(data_root, resumed, "--mult", "1,2,2", "--resume"))
 
 
+def test_the_ema_builds_its_targets_without_dropout(data_root, tmp_path, monkeypatch):
+    modes = []
+
+    def record(model, ema, *args, **kwargs):
+        modes.append((model.training, ema.training))
+        return original(model, ema, *args, **kwargs)
+
+    original = cifar_twinflow.training_loss
+    monkeypatch.setattr(cifar_twinflow, "training_loss", record)
+    cifar_twinflow.main(tiny(data_root, tmp_path / "o", "--dropout", "0.1", "--train-steps", "1"))
+    assert modes == [(True, False)]  # the model trains with dropout; the EMA's targets have none
+
+
 def test_corrupt_checkpoint_is_a_clear_error(data_root, tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"\x00" * 10)
     with pytest.raises(SystemExit, match="not a readable checkpoint"):

@@ -230,12 +230,26 @@ def test_conditional_training_with_guidance():
     torch.manual_seed(0)
     model = TinyNet(2, classes=3)
     ema = copy.deepcopy(model).requires_grad_(False)
-    y = torch.randint(0, 3, (8,))
-    for method in ["flow", "rcgm", "twinflow"]:
-        loss, _ = training_loss(model, ema, torch.randn(8, 2), method=method, cond={"y": y},
-                                null_cond={"y": torch.full_like(y, 3)}, kappa=0.5)
-        loss.backward()
-        assert torch.isfinite(loss)
+    for p in ema.parameters():  # an EMA that differs from the model, so the guidance term is not trivial
+        p.add_(0.1 * torch.randn_like(p))
+    x, y = torch.randn(8, 2), torch.randint(0, 3, (8,))
+    cond, null_cond = {"y": y}, {"y": torch.full_like(y, 3)}
+    # flow with κ: ‖F(x_t, t, t | c) − (z − x + κ·(F⁻(x_t | c) − F⁻(x_t | ∅)))‖², written out by hand
+    torch.manual_seed(1)
+    loss, _ = training_loss(model, ema, x, method="flow", cond=cond, null_cond=null_cond, kappa=0.5)
+    torch.manual_seed(1)
+    z, t = torch.randn_like(x), torch.rand(8)
+    x_t = t[:, None] * z + (1 - t[:, None]) * x
+    target = z - x + 0.5 * (ema(x_t, t, t, **cond) - ema(x_t, t, t, **null_cond))
+    torch.testing.assert_close(loss, (model(x_t, t, t, **cond) - target).pow(2).mean())
+    for method in ["rcgm", "twinflow"]:  # the same draws with and without κ: only the target moves
+        losses = []
+        for kappa in (0.5, 0.0):
+            torch.manual_seed(2)
+            losses.append(training_loss(model, ema, x, method=method, cond=cond, null_cond=null_cond,
+                                        kappa=kappa)[0])
+        losses[0].backward()
+        assert torch.isfinite(losses[0]) and not torch.equal(losses[0], losses[1]), method
 
 
 def test_adv_weight_scales_only_the_adversarial_term():
