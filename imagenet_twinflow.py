@@ -19,7 +19,7 @@ the posterior and multiplied by the VAE's scaling factor, written as shard_NNNNN
 {"latents": float16 (n, C, h, w), "labels": (n,)} plus meta.json (VAE, scaling factor, classes).
 Training writes checkpoint.pt (atomic, with EMA, optimizer, step, RNG) and train.json; --sample writes
 grid_nfe*.png (rows: --classes); --fid writes fid.json (protocol: README, and the fid() docstring);
-both write beside --ckpt unless --out is given.
+both write to eval/ beside --ckpt unless --out is given.
 """
 import argparse
 import copy
@@ -93,8 +93,9 @@ parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
 
 def parse_args(argv=None):
     args = parser.parse_args(argv)
-    if (args.sample or args.fid) and args.ckpt and not args.out:  # write beside the checkpoint, not over another run
-        args.out = os.path.dirname(os.path.abspath(args.ckpt))
+    args.lr_given = parser.parse_known_args(argv, argparse.Namespace(lr=None))[0].lr is not None  # (--resume)
+    if (args.sample or args.fid) and args.ckpt and not args.out:  # into eval/ beside the checkpoint,
+        args.out = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")  # not over its run's files
     args.out = args.out or f"out/imagenet_{args.method}"
     depth, hidden, heads = MODELS[args.model]
     args.depth, args.hidden, args.heads = args.depth or depth, args.hidden or hidden, args.heads or heads
@@ -104,11 +105,12 @@ def parse_args(argv=None):
         parser.error("--extract needs --image-dir")
     if (args.sample or args.fid) and not args.ckpt:
         parser.error("--sample and --fid need --ckpt PATH")
+    classes = str(args.classes)
     try:
-        args.classes = [int(c) for c in str(args.classes).split(",")]
+        args.classes = [int(c) for c in classes.split(",")]
         assert min(args.classes) >= 0
     except (ValueError, AssertionError):
-        parser.error(f"--classes: comma-separated class indices, like 207,360; got {args.classes!r}")
+        parser.error(f"--classes: comma-separated class indices, like 207,360; got {classes!r}")
     if args.fid and not args.fid_ref:
         parser.error("--fid needs --fid-ref (e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")
     for name in ("train_steps", "batch", "num_fid", "nfe", "many_steps", "ckpt_every", "log_every", "per_class",
@@ -117,7 +119,7 @@ def parse_args(argv=None):
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not (0 <= args.ema < 1 and 0 <= args.label_dropout < 1):
         parser.error(f"--ema and --label-dropout must be in [0, 1), got {args.ema} and {args.label_dropout}")
-    if args.kappa and not args.label_dropout:
+    if args.kappa and not args.label_dropout and not (args.sample or args.fid or args.extract):
         parser.error("--kappa needs --label-dropout > 0: the enhanced target reads the null class, "
                      "which only dropout trains")
     return args
@@ -237,7 +239,8 @@ def load_latents(folder):
         try:
             shards.append(torch.load(path))
         except Exception as e:
-            raise SystemExit(f"error: {path}: unreadable ({type(e).__name__}); delete it and run --extract again")
+            raise SystemExit(f"error: {path}: unreadable ({type(e).__name__}: {e}); if it is corrupt, "
+                             f"delete it and run --extract again")
     return torch.cat([s["latents"] for s in shards]), torch.cat([s["labels"] for s in shards]), meta
 
 
@@ -381,8 +384,9 @@ def train(args, rank, world, device):
         except RuntimeError as e:  # (the flags checked above match, the shapes do not: other data?)
             raise SystemExit(f"error: --resume {path}: does not fit this model ({str(e).splitlines()[0]})")
         opt.load_state_dict(state["opt"])
-        for group in opt.param_groups:  # the saved state brings its lr back; a new --lr must win
-            group["lr"] = args.lr
+        if args.lr_given:  # a new --lr wins; without one, the optimizer state's saved lr goes on
+            for group in opt.param_groups:
+                group["lr"] = args.lr
         step, logs = state["step"], state["logs"]
         torch.set_rng_state(state["rng"]["cpu"])
         if state["rng"]["cuda"] is not None and device.type == "cuda":
@@ -471,7 +475,8 @@ def generate(model, vae, meta, method, labels, nfe, many_steps, generator, batch
 def write_grids(model, vae, meta, method, args):
     """grid_nfe{k}.png: one row per class in --classes, --per-class samples each."""
     if max(args.classes) >= meta["num_classes"]:
-        raise SystemExit(f"error: --classes {args.classes}: the model has {meta['num_classes']} classes")
+        raise SystemExit(f"error: --classes {','.join(map(str, args.classes))}: the model has "
+                         f"{meta['num_classes']} classes")
     labels = torch.tensor(args.classes).repeat_interleave(args.per_class)
     for nfe in [1, 2, 4, args.many_steps]:
         images = generate(model, vae, meta, method, labels, nfe, args.many_steps,

@@ -16,7 +16,7 @@ A training run writes to --out: checkpoint.pt (model, EMA, optimizer, step, RNG;
 atomically every --ckpt-every steps), grids.png (10×10, one row per class, at 1, 2, 4 NFE and
 many steps), grid_nfe*.png, losses.png and metrics.json. --sample writes the grids and
 samples_nfe{N}.pt = {"samples": (N, 1, 28, 28) in [−1, 1], "labels": (N,)}, classes spread evenly;
---sample and --eval write beside --ckpt unless --out is given.
+--sample and --eval write to eval/ beside --ckpt unless --out is given.
 
 The metric (offline, no Inception weights needed): a small CNN classifier trained once on the MNIST
 training split and cached (--classifier). We report the share of class-conditional samples it
@@ -92,8 +92,9 @@ parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
 def parse_args(argv=None):
     preset = parser.parse_known_args(argv)[0].preset
     args = parser.parse_args(argv, argparse.Namespace(**PRESETS[preset]))
-    if (args.sample or args.eval) and args.ckpt and not args.out:  # write beside the checkpoint, not over another run
-        args.out = os.path.dirname(os.path.abspath(args.ckpt))
+    args.lr_given = parser.parse_known_args(argv, argparse.Namespace(lr=None))[0].lr is not None  # (--resume)
+    if (args.sample or args.eval) and args.ckpt and not args.out:  # into eval/ beside the checkpoint,
+        args.out = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")  # not over its run's files
     args.out = args.out or f"out/mnist_{args.method}"
     try:
         args.channels = [int(c) for c in str(args.channels).split(",")]
@@ -107,7 +108,7 @@ def parse_args(argv=None):
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not (0 <= args.ema < 1 and 0 <= args.label_dropout < 1):
         parser.error(f"--ema and --label-dropout must be in [0, 1), got {args.ema} and {args.label_dropout}")
-    if args.kappa and not args.label_dropout:
+    if args.kappa and not args.label_dropout and not (args.sample or args.eval):
         parser.error("--kappa needs --label-dropout > 0: the enhanced target reads the null class, "
                      "which only dropout trains")
     return args
@@ -265,8 +266,9 @@ def train(args, rank, world, device):
         except RuntimeError as e:  # (the flags checked above match, the shapes do not: other data?)
             raise SystemExit(f"error: --resume {path}: does not fit this model ({str(e).splitlines()[0]})")
         opt.load_state_dict(state["opt"])
-        for group in opt.param_groups:  # the saved state brings its lr back; a new --lr must win
-            group["lr"] = args.lr
+        if args.lr_given:  # a new --lr wins; without one, the optimizer state's saved lr goes on
+            for group in opt.param_groups:
+                group["lr"] = args.lr
         step, logs = state["step"], state["logs"]
         torch.set_rng_state(state["rng"]["cpu"])
         if state["rng"]["cuda"] is not None and device.type == "cuda":

@@ -108,6 +108,7 @@ parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
 
 def parse_args(argv=None):
     args = parser.parse_args(argv)
+    args.lr_given = parser.parse_known_args(argv, argparse.Namespace(lr=None))[0].lr is not None  # (--resume)
     if args.resolution % 16:
         parser.error(f"--resolution {args.resolution}: must be a multiple of 16 (VAE 8× and 2×2 patches)")
     if args.precompute and not (args.data and args.cache):
@@ -124,7 +125,8 @@ def parse_args(argv=None):
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not (0 <= args.ema < 1 and 0 <= args.text_dropout < 1):
         parser.error(f"--ema and --text-dropout must be in [0, 1), got {args.ema} and {args.text_dropout}")
-    if args.kappa and not args.text_dropout:
+    training = not (args.plan or args.precompute or args.export or args.sample)
+    if args.kappa and not args.text_dropout and training:
         parser.error("--kappa needs --text-dropout > 0: the enhanced target reads the empty prompt, "
                      "which only dropout trains")
     if not all(k.strip().isdigit() and int(k) >= 1 for k in args.nfe.split(",")):
@@ -327,12 +329,12 @@ class Cache:
             raise SystemExit(f"error: --cache {folder}: no meta.json; run --precompute first")
         try:
             self.meta = json.load(open(meta_path))
-        except ValueError as e:
-            raise SystemExit(f"error: {meta_path}: unreadable ({e}); run --precompute again")
+            expected = self.meta["shards"]
+        except (ValueError, KeyError) as e:
+            raise SystemExit(f"error: {meta_path}: unreadable ({type(e).__name__}: {e}); run --precompute again")
         paths = sorted(glob.glob(os.path.join(folder, "shard_*.pt")))
-        if len(paths) != self.meta["shards"]:
-            raise SystemExit(f"error: --cache {folder}: {len(paths)} of {self.meta['shards']} shards; "
-                             f"finish --precompute")
+        if len(paths) != expected:
+            raise SystemExit(f"error: --cache {folder}: {len(paths)} of {expected} shards; finish --precompute")
         try:
             self.shards = [torch.load(p, mmap=True) for p in paths]
             self.null = torch.load(os.path.join(folder, "null.pt"))["text"]
@@ -706,8 +708,9 @@ def train(args, rank, world, device):
         if not found:
             raise SystemExit(f"error: --resume: no checkpoint in {args.out}/checkpoints")
         step, logs = load_checkpoint(found[-1], model, ema, opt, rank, world, args.method)
-        for group in opt.param_groups:  # the saved state brings its lr back; a new --lr must win
-            group["lr"] = args.lr
+        if args.lr_given:  # a new --lr wins; without one, the optimizer state's saved lr goes on
+            for group in opt.param_groups:
+                group["lr"] = args.lr
         last_saved = (step, found[-1])
     velocity = velocity_fn(model, cache.meta["grid"])
     target_model = velocity_fn(ema, cache.meta["grid"]) if ema is not None else velocity

@@ -169,12 +169,14 @@ def test_an_infinite_gradient_stops_before_the_update(data_root, tmp_path, monke
     assert (out / "checkpoint.pt").read_bytes() == before
 
 
-def test_a_new_lr_holds_after_resume(data_root, tmp_path):
+def test_a_new_lr_holds_after_resume_and_the_saved_one_without(data_root, tmp_path):
     out = tmp_path / "o"
-    mnist_twinflow.main(tiny(data_root, out, "--train-steps", "2"))
+    saved_lr = lambda: torch.load(out / "checkpoint.pt", weights_only=False)["opt"]["param_groups"][0]["lr"]
+    mnist_twinflow.main(tiny(data_root, out, "--train-steps", "2", "--lr", "3e-4"))
+    mnist_twinflow.main(tiny(data_root, out, "--train-steps", "3", "--resume"))
+    assert saved_lr() == 3e-4  # not the preset's default
     mnist_twinflow.main(tiny(data_root, out, "--resume", "--lr", "1e-5"))
-    state = torch.load(out / "checkpoint.pt", weights_only=False)
-    assert state["step"] == 4 and state["opt"]["param_groups"][0]["lr"] == 1e-5
+    assert saved_lr() == 1e-5
 
 
 def test_sample_mode_writes_grids_and_evenly_spread_classes(data_root, tmp_path):
@@ -188,9 +190,9 @@ def test_sample_mode_writes_grids_and_evenly_spread_classes(data_root, tmp_path)
     assert (tmp_path / "s" / "grids.png").stat().st_size > 0
 
 
-def test_sample_and_eval_write_beside_their_checkpoint_unless_told():
+def test_sample_and_eval_write_into_eval_beside_their_checkpoint_unless_told():
     ckpt = os.path.join("runs", "rcgm_a", "checkpoint.pt")
-    assert mnist_twinflow.parse_args(["--eval", "--ckpt", ckpt]).out == os.path.abspath(os.path.dirname(ckpt))
+    assert mnist_twinflow.parse_args(["--eval", "--ckpt", ckpt]).out == os.path.abspath("runs/rcgm_a/eval")
     assert mnist_twinflow.parse_args(["--sample", "--ckpt", ckpt, "--out", "s"]).out == "s"
     assert mnist_twinflow.parse_args(["--method", "rcgm"]).out == "out/mnist_rcgm"  # training
 
