@@ -389,8 +389,11 @@ def train(args, rank, world, device):
                 group["lr"] = args.lr
         step, logs = state["step"], state["logs"]
         torch.set_rng_state(state["rng"]["cpu"])
-        if state["rng"]["cuda"] is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        cuda_rng = state["rng"]["cuda"]
+        if isinstance(cuda_rng, list):  # (checkpoints before 2026-11-28 held every GPU's; rank 0 used GPU 0)
+            cuda_rng = cuda_rng[0]
+        if cuda_rng is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(cuda_rng, device)
         if state["rng"].get("mps") is not None and device.type == "mps":
             torch.mps.set_rng_state(state["rng"]["mps"])
     if world > 1:  # each rank draws its own batches; exact resume holds for single-process runs
