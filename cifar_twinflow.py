@@ -81,7 +81,7 @@ parser.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipp
 parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
 parser.add_argument("--compile", action="store_true", help="torch.compile the training model")
 parser.add_argument("--many-steps", type=int, default=32, help="NFE of the 'many steps' column")
-parser.add_argument("--out", default=None, help="default: out/cifar_{method} (--sample / --fid: --ckpt's folder)")
+parser.add_argument("--out", default=None, help="default: out/cifar_{method} (--sample / --fid: eval/ beside --ckpt)")
 parser.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
 parser.add_argument("--ckpt-every", type=int, default=5000)
 parser.add_argument("--log-every", type=int, default=50)

@@ -74,7 +74,7 @@ parser.add_argument("--label-dropout", type=float, default=0.1, help="share of l
 parser.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
 parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
 parser.add_argument("--compile", action="store_true", help="torch.compile the training model")
-parser.add_argument("--out", default=None, help="default: out/imagenet_{method} (--sample / --fid: --ckpt's folder)")
+parser.add_argument("--out", default=None, help="default: out/imagenet_{method} (--sample / --fid: eval/ beside --ckpt)")
 parser.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
 parser.add_argument("--ckpt-every", type=int, default=10_000)
 parser.add_argument("--log-every", type=int, default=100)

@@ -76,7 +76,7 @@ parser.add_argument("--many-steps", type=int, default=32, help="NFE of the 'many
 parser.add_argument("--num-eval", type=int, default=5000, help="samples per metric")
 parser.add_argument("--classifier", default="out/mnist_classifier.pt", help="the evaluator, trained if missing")
 parser.add_argument("--classifier-epochs", type=int, default=2)
-parser.add_argument("--out", default=None, help="default: out/mnist_{method} (--sample / --eval: --ckpt's folder)")
+parser.add_argument("--out", default=None, help="default: out/mnist_{method} (--sample / --eval: eval/ beside --ckpt)")
 parser.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
 parser.add_argument("--ckpt-every", type=int, default=500)
 parser.add_argument("--log-every", type=int, default=10)
