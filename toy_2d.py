@@ -14,7 +14,8 @@ Trains three models on the same data with the same network and budget, and compa
 Writes to --out: scatter.png (rows: methods; columns: data, 1, 2, 4 NFE, 2 and 4 NFE re-noised, many steps),
 twin_trajectories.png, losses.png, one_step_training.gif, metrics.json and samples.npz (held-out
 data under "data", each method's samples under "{method}_{column}", and the fake branch's many-step
-samples under "twinflow_fake_nfe{many}").
+samples under "twinflow_fake_nfe{many}"). The last two are rewritten after each method, so a method
+that fails (a NaN) keeps the numbers of those trained before it.
 The quality metric is the sliced Wasserstein distance (SWD) between --num-eval samples and as many
 held-out points; metrics.json also gives the noise floor: the SWD between two held-out sets of that
 size (what a perfect model would score). At 5,000 points the floor itself wanders from 0.02 to 0.045
@@ -301,6 +302,15 @@ def save_gif(path, all_frames, reference, lims, train_steps):
     plt.close(fig)
 
 
+def write_numbers(out, report, arrays):
+    """metrics.json and samples.npz, each written to a temporary file and renamed (atomic)."""
+    with open(os.path.join(out, "metrics.json.tmp"), "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(os.path.join(out, "metrics.json.tmp"), os.path.join(out, "metrics.json"))
+    np.savez(os.path.join(out, "samples.tmp.npz"), **arrays)
+    os.replace(os.path.join(out, "samples.tmp.npz"), os.path.join(out, "samples.npz"))
+
+
 # ----------------------------------------------------------------------------------------------
 # Main: data → train each method → sample → evaluate → save
 # ----------------------------------------------------------------------------------------------
@@ -358,6 +368,13 @@ def main(argv=None):
             x = denormalize(sample(models[method], eval_noise, **{"style": "any", **how})).cpu().numpy()
             samples[method][key] = x
             metrics[method][key] = swd(x, reference)
+        # Save the numbers after every method: if a later one fails (a NaN), this one is kept.
+        report = {"target": args.data or args.target, "metric": "sliced Wasserstein-1 (512 directions)",
+                  "num_eval": len(reference), "train_seconds": seconds,
+                  "total_seconds": round(time.time() - start_all, 1), "device": str(device),
+                  "config": vars(args), "loss_settings": {} if args.authors_loss else TOY_LOSS, **metrics}
+        arrays = {"data": reference, **{f"{m}_{key}": x for m in samples for key, x in samples[m].items()}}
+        write_numbers(args.out, report, arrays)
 
     # The fake (t < 0) branch's own many-step samples, from the same noise. L_adv trains it on the
     # model's one-step samples and L_rectify stops where the two branches agree, so how well the
@@ -367,21 +384,15 @@ def main(argv=None):
         fake = sample(models["twinflow"], eval_noise, steps=args.many_steps, style="mul", fake=True)
         fake_samples[f"twinflow_fake_nfe{args.many_steps}"] = denormalize(fake).cpu().numpy()
 
-    # Save: figures, metrics, raw samples.
+    # Save the figures and the numbers with the fake branch's samples added.
     plot_grid(os.path.join(args.out, "scatter.png"), reference, samples, metrics, columns, lims)
     plot_losses(os.path.join(args.out, "losses.png"), all_logs)
     save_gif(os.path.join(args.out, "one_step_training.gif"), all_frames, reference, lims, args.train_steps)
     if "twinflow" in models:
         plot_twin(os.path.join(args.out, "twin_trajectories.png"), models["twinflow"], reference,
                   eval_noise[:400], denormalize, lims, args.many_steps)
-    report = {"target": args.data or args.target, "metric": "sliced Wasserstein-1 (512 directions)",
-              "num_eval": len(reference), "train_seconds": seconds,
-              "total_seconds": round(time.time() - start_all, 1), "device": str(device),
-              "config": vars(args), "loss_settings": {} if args.authors_loss else TOY_LOSS, **metrics}
-    with open(os.path.join(args.out, "metrics.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    np.savez(os.path.join(args.out, "samples.npz"), data=reference,
-             **{f"{m}_{key}": x for m in samples for key, x in samples[m].items()}, **fake_samples)
+    report["total_seconds"] = round(time.time() - start_all, 1)
+    write_numbers(args.out, report, {**arrays, **fake_samples})
 
     print(f"\nSWD to held-out data (noise floor {metrics['noise_floor']:.4f}), lower is better:")
     print(f"{'method':>10} " + " ".join(f"{column_title(key):>17}" for key in columns) + "   train s")

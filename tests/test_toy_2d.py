@@ -88,11 +88,24 @@ def test_bad_flags_are_clear_errors(tmp_path, capsys):
     assert "--train-steps must be at least 1" in capsys.readouterr().err
 
 
-def test_a_nan_loss_is_a_one_line_error(tmp_path, monkeypatch):
-    nan_loss = lambda *args, **kwargs: (torch.tensor(float("nan"), requires_grad=True), {})
-    monkeypatch.setattr(toy_2d, "training_loss", nan_loss)
+def test_a_nan_loss_is_a_one_line_error_and_keeps_the_methods_before_it(tmp_path, monkeypatch):
+    """flow trains, then rcgm's loss is NaN: a one-line error, and flow's numbers are on disk."""
+    real_loss = toy_2d.training_loss
+
+    def nan_for_rcgm(model, ema, x, method, **kwargs):
+        if method == "rcgm":
+            return torch.tensor(float("nan"), requires_grad=True), {}
+        return real_loss(model, ema, x, method=method, **kwargs)
+
+    monkeypatch.setattr(toy_2d, "training_loss", nan_for_rcgm)
     with pytest.raises(SystemExit, match="error: rcgm: loss is nan at step 0"):
-        toy_2d.main(["--methods", "rcgm", "--train-steps", "2", "--num-eval", "50", "--out", str(tmp_path)])
+        toy_2d.main(["--methods", "flow,rcgm", "--train-steps", "2", "--num-eval", "50",
+                     "--many-steps", "2", "--out", str(tmp_path)])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert "nfe1" in metrics["flow"] and "rcgm" not in metrics
+    samples = np.load(tmp_path / "samples.npz")
+    assert samples["flow_nfe2"].shape == (50, 2) and not any(k.startswith("rcgm") for k in samples)
+    assert sorted(os.listdir(tmp_path)) == ["metrics.json", "samples.npz"]  # no temporary files left
 
 
 def test_unavailable_device_is_a_clear_error(tmp_path):
