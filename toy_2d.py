@@ -14,8 +14,8 @@ Trains three models on the same data with the same network and budget, and compa
 Writes to --out: scatter.png (rows: methods; columns: data, 1, 2, 4 NFE, 2 and 4 NFE re-noised, many steps),
 twin_trajectories.png, losses.png, one_step_training.gif, metrics.json and samples.npz (held-out
 data under "data", each method's samples under "{method}_{column}", and the fake branch's many-step
-samples under "twinflow_fake_nfe{many}"). The last two are rewritten after each method, so a method
-that fails (a NaN) keeps the numbers of those trained before it.
+samples under "twinflow_fake_nfe{many}"). The last two are rewritten after each method, so if a method
+fails (a NaN), the numbers of the methods trained before it are kept.
 The quality metric is the sliced Wasserstein distance (SWD) between --num-eval samples and as many
 held-out points; metrics.json also gives the noise floor: the SWD between two held-out sets of that
 size (what a perfect model would score). At 5,000 points the floor itself wanders from 0.02 to 0.045
@@ -351,7 +351,7 @@ def main(argv=None):
                "nfe2_renoise": dict(steps=2, style="few", stochastic_ratio=1.0, gap=(0.001, 0.6)),
                "nfe4_renoise": dict(steps=4, style="few", stochastic_ratio=1.0, gap=(0.001, 0.5)),
                f"nfe{args.many_steps}": dict(steps=args.many_steps, style="mul")}
-    models, all_logs, all_frames, samples, seconds = {}, {}, {}, {}, {}
+    models, all_logs, all_frames, samples, fake_samples, seconds = {}, {}, {}, {}, {}, {}
     metrics = {"noise_floor": swd(reference, reference_2)}
     for method in methods:
         start = time.time()
@@ -368,23 +368,23 @@ def main(argv=None):
             x = denormalize(sample(models[method], eval_noise, **{"style": "any", **how})).cpu().numpy()
             samples[method][key] = x
             metrics[method][key] = swd(x, reference)
+        if method == "twinflow":
+            # The fake (t < 0) branch's own many-step samples, from the same noise. L_adv trains it
+            # on the model's one-step samples and L_rectify stops where the two branches agree, so
+            # how well the fake branch knows those samples bounds what L_rectify can do
+            # (benchmarks/toy_modes.py).
+            fake = sample(models[method], eval_noise, steps=args.many_steps, style="mul", fake=True)
+            fake_samples[f"twinflow_fake_nfe{args.many_steps}"] = denormalize(fake).cpu().numpy()
         # Save the numbers after every method: if a later one fails (a NaN), this one is kept.
         report = {"target": args.data or args.target, "metric": "sliced Wasserstein-1 (512 directions)",
                   "num_eval": len(reference), "train_seconds": seconds,
                   "total_seconds": round(time.time() - start_all, 1), "device": str(device),
                   "config": vars(args), "loss_settings": {} if args.authors_loss else TOY_LOSS, **metrics}
-        arrays = {"data": reference, **{f"{m}_{key}": x for m in samples for key, x in samples[m].items()}}
+        arrays = {"data": reference, **{f"{m}_{key}": x for m in samples for key, x in samples[m].items()},
+                  **fake_samples}
         write_numbers(args.out, report, arrays)
 
-    # The fake (t < 0) branch's own many-step samples, from the same noise. L_adv trains it on the
-    # model's one-step samples and L_rectify stops where the two branches agree, so how well the
-    # fake branch knows those samples bounds what L_rectify can do (benchmarks/toy_modes.py).
-    fake_samples = {}
-    if "twinflow" in models:
-        fake = sample(models["twinflow"], eval_noise, steps=args.many_steps, style="mul", fake=True)
-        fake_samples[f"twinflow_fake_nfe{args.many_steps}"] = denormalize(fake).cpu().numpy()
-
-    # Save the figures and the numbers with the fake branch's samples added.
+    # Save the figures, and the numbers again with the total time.
     plot_grid(os.path.join(args.out, "scatter.png"), reference, samples, metrics, columns, lims)
     plot_losses(os.path.join(args.out, "losses.png"), all_logs)
     save_gif(os.path.join(args.out, "one_step_training.gif"), all_frames, reference, lims, args.train_steps)
@@ -392,7 +392,7 @@ def main(argv=None):
         plot_twin(os.path.join(args.out, "twin_trajectories.png"), models["twinflow"], reference,
                   eval_noise[:400], denormalize, lims, args.many_steps)
     report["total_seconds"] = round(time.time() - start_all, 1)
-    write_numbers(args.out, report, {**arrays, **fake_samples})
+    write_numbers(args.out, report, arrays)
 
     print(f"\nSWD to held-out data (noise floor {metrics['noise_floor']:.4f}), lower is better:")
     print(f"{'method':>10} " + " ".join(f"{column_title(key):>17}" for key in columns) + "   train s")

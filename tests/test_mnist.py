@@ -90,12 +90,12 @@ def test_training_writes_checkpoint_grids_and_metrics(data_root, tmp_path, metho
 
 
 def test_a_short_twinflow_training_improves_its_one_step_samples(data_root, tmp_path):
-    """Measured: FD 1531 → 885, class accuracy 0.07 → 0.12 after 120 steps (100 samples, CPU)."""
+    """Measured: FD 1531 → 885 after 120 steps (100 samples, CPU); 0.44 to 0.58 of the start's FD
+    on seeds 0–4. (Class accuracy moves too, 0.07 → 0.12, but that near chance it is no test.)"""
     flags = ["--method", "twinflow", "--lr", "2e-3", "--num-eval", "100"]
     start = mnist_twinflow.main(tiny(data_root, tmp_path / "start", *flags, "--train-steps", "1"))
     trained = mnist_twinflow.main(tiny(data_root, tmp_path / "trained", *flags, "--train-steps", "120"))
     assert trained["nfe1"]["fd"] < 0.7 * start["nfe1"]["fd"]
-    assert trained["nfe1"]["accuracy"] > start["nfe1"]["accuracy"]
 
 
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(data_root, tmp_path):

@@ -89,7 +89,7 @@ def test_bad_flags_are_clear_errors(tmp_path, capsys):
 
 
 def test_a_nan_loss_is_a_one_line_error_and_keeps_the_methods_before_it(tmp_path, monkeypatch):
-    """flow trains, then rcgm's loss is NaN: a one-line error, and flow's numbers are on disk."""
+    """twinflow trains, then rcgm's loss is NaN: a one-line error, and twinflow's numbers are on disk."""
     real_loss = toy_2d.training_loss
 
     def nan_for_rcgm(model, ema, x, method, **kwargs):
@@ -99,12 +99,13 @@ def test_a_nan_loss_is_a_one_line_error_and_keeps_the_methods_before_it(tmp_path
 
     monkeypatch.setattr(toy_2d, "training_loss", nan_for_rcgm)
     with pytest.raises(SystemExit, match="error: rcgm: loss is nan at step 0"):
-        toy_2d.main(["--methods", "flow,rcgm", "--train-steps", "2", "--num-eval", "50",
-                     "--many-steps", "2", "--out", str(tmp_path)])
+        toy_2d.main(["--methods", "twinflow,rcgm", "--train-steps", "2", "--num-eval", "50",
+                     "--many-steps", "3", "--out", str(tmp_path)])
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert "nfe1" in metrics["flow"] and "rcgm" not in metrics
+    assert "nfe1" in metrics["twinflow"] and "rcgm" not in metrics
     samples = np.load(tmp_path / "samples.npz")
-    assert samples["flow_nfe2"].shape == (50, 2) and not any(k.startswith("rcgm") for k in samples)
+    assert samples["twinflow_nfe3"].shape == samples["twinflow_fake_nfe3"].shape == (50, 2)
+    assert not any(k.startswith("rcgm") for k in samples)
     assert sorted(os.listdir(tmp_path)) == ["metrics.json", "samples.npz"]  # no temporary files left
 
 
