@@ -8,6 +8,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before diffusers is imported: hub look-ups
 
 import json  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -152,6 +153,49 @@ def test_train_resume_sample_and_fid(assets, latents, tmp_path, monkeypatch):
                                           "--fid-ref", str(tmp_path / "ref.npz"), "--num-fid", "12", "--nfe", "2"))
     assert np.isfinite(result["fid"]) and result["num_samples"] == 12
     assert json.loads((tmp_path / "f" / "fid.json").read_text()) == result
+
+
+def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(assets, latents, tmp_path, monkeypatch):
+    calls, out = [], tmp_path / "o"
+
+    def loss_then_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # Ctrl-C arrives in the middle of step 1
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(*args, **kwargs)
+
+    original = imagenet_twinflow.training_loss
+    monkeypatch.setattr(imagenet_twinflow, "training_loss", loss_then_ctrl_c)
+    with pytest.raises(SystemExit) as e:
+        imagenet_twinflow.main(flags(assets, "--out", str(out), "--log-every", "1"))
+    assert e.value.code == 130
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2  # step 1 was finished
+    monkeypatch.setattr(imagenet_twinflow, "training_loss", original)
+    imagenet_twinflow.main(flags(assets, "--out", str(out), "--log-every", "1", "--resume"))
+    imagenet_twinflow.main(flags(assets, "--out", str(tmp_path / "straight"), "--log-every", "1"))
+    logs = [torch.load(d / "checkpoint.pt", weights_only=False)["logs"] for d in (out, tmp_path / "straight")]
+    assert logs[0] == logs[1]
+
+
+def test_a_nan_loss_or_an_infinite_gradient_stops_without_touching_the_last_checkpoint(assets, latents, tmp_path,
+                                                                                     monkeypatch):
+    out = tmp_path / "o"
+    imagenet_twinflow.main(flags(assets, "--out", str(out), "--train-steps", "2"))
+    before = (out / "checkpoint.pt").read_bytes()
+    original = imagenet_twinflow.training_loss
+    nan_loss = lambda *args, **kwargs: (torch.tensor(float("nan"), requires_grad=True), {})
+
+    def finite_loss_infinite_gradient(*args, **kwargs):
+        loss, terms = original(*args, **kwargs)
+        loss.register_hook(lambda grad: grad * float("inf"))  # the value stays finite
+        return loss, terms
+
+    for broken, message in ((nan_loss, "loss is nan at step 2"),
+                            (finite_loss_infinite_gradient, "gradient norm is (inf|nan) at step 2")):
+        monkeypatch.setattr(imagenet_twinflow, "training_loss", broken)
+        with pytest.raises(SystemExit, match=message):
+            imagenet_twinflow.main(flags(assets, "--out", str(out), "--resume", "--ckpt-every", "1"))
+        assert (out / "checkpoint.pt").read_bytes() == before
 
 
 def free_port():
