@@ -3,7 +3,6 @@ Only the test patches torchvision's md5 check (the tiny files cannot match the r
 import json
 import os
 import pickle
-import signal
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ import torch
 import torch.nn as nn
 
 import cifar_twinflow
+from faults import ctrl_c_during_call, infinite_gradient, nan_loss
 
 
 def write_cifar(root, per_batch=8, n_test=8, seed=0):
@@ -118,16 +118,8 @@ def test_corrupt_checkpoint_is_a_clear_error(data_root, tmp_path):
 
 
 def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(data_root, tmp_path, monkeypatch):
-    calls = []
-
-    def loss_then_ctrl_c(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:  # Ctrl-C arrives in the middle of step 1
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(*args, **kwargs)
-
     original = cifar_twinflow.training_loss
-    monkeypatch.setattr(cifar_twinflow, "training_loss", loss_then_ctrl_c)
+    monkeypatch.setattr(cifar_twinflow, "training_loss", ctrl_c_during_call(original, 2))  # in step 1
     with pytest.raises(SystemExit) as e:
         cifar_twinflow.main(tiny(data_root, tmp_path / "o", "--log-every", "1"))
     assert e.value.code == 130
@@ -144,16 +136,8 @@ def test_a_nan_loss_or_an_infinite_gradient_stops_without_touching_the_last_chec
     out = tmp_path / "o"
     cifar_twinflow.main(tiny(data_root, out, "--train-steps", "2"))
     before = (out / "checkpoint.pt").read_bytes()
-    original = cifar_twinflow.training_loss
-    nan_loss = lambda *args, **kwargs: (torch.tensor(float("nan"), requires_grad=True), {})
-
-    def finite_loss_infinite_gradient(*args, **kwargs):
-        loss, terms = original(*args, **kwargs)
-        loss.register_hook(lambda grad: grad * float("inf"))  # the value stays finite
-        return loss, terms
-
     for broken, message in ((nan_loss, "loss is nan at step 2"),
-                            (finite_loss_infinite_gradient, "gradient norm is (inf|nan) at step 2")):
+                            (infinite_gradient(cifar_twinflow.training_loss), "gradient norm is (inf|nan) at step 2")):
         monkeypatch.setattr(cifar_twinflow, "training_loss", broken)
         with pytest.raises(SystemExit, match=message) as e:
             cifar_twinflow.main(tiny(data_root, out, "--resume", "--ckpt-every", "1"))

@@ -8,7 +8,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before diffusers is imported: hub look-ups
 
 import json  # noqa: E402
 import shutil  # noqa: E402
-import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -20,6 +19,7 @@ import torch.nn as nn  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import imagenet_twinflow  # noqa: E402
+from faults import ctrl_c_during_call, infinite_gradient, nan_loss  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -156,16 +156,8 @@ def test_train_resume_sample_and_fid(assets, latents, tmp_path, monkeypatch):
 
 
 def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(assets, latents, tmp_path, monkeypatch):
-    calls, out = [], tmp_path / "o"
-
-    def loss_then_ctrl_c(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:  # Ctrl-C arrives in the middle of step 1
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(*args, **kwargs)
-
-    original = imagenet_twinflow.training_loss
-    monkeypatch.setattr(imagenet_twinflow, "training_loss", loss_then_ctrl_c)
+    out, original = tmp_path / "o", imagenet_twinflow.training_loss
+    monkeypatch.setattr(imagenet_twinflow, "training_loss", ctrl_c_during_call(original, 2))  # in step 1
     with pytest.raises(SystemExit) as e:
         imagenet_twinflow.main(flags(assets, "--out", str(out), "--log-every", "1"))
     assert e.value.code == 130
@@ -182,16 +174,9 @@ def test_a_nan_loss_or_an_infinite_gradient_stops_without_touching_the_last_chec
     out = tmp_path / "o"
     imagenet_twinflow.main(flags(assets, "--out", str(out), "--train-steps", "2"))
     before = (out / "checkpoint.pt").read_bytes()
-    original = imagenet_twinflow.training_loss
-    nan_loss = lambda *args, **kwargs: (torch.tensor(float("nan"), requires_grad=True), {})
-
-    def finite_loss_infinite_gradient(*args, **kwargs):
-        loss, terms = original(*args, **kwargs)
-        loss.register_hook(lambda grad: grad * float("inf"))  # the value stays finite
-        return loss, terms
-
     for broken, message in ((nan_loss, "loss is nan at step 2"),
-                            (finite_loss_infinite_gradient, "gradient norm is (inf|nan) at step 2")):
+                            (infinite_gradient(imagenet_twinflow.training_loss),
+                             "gradient norm is (inf|nan) at step 2")):
         monkeypatch.setattr(imagenet_twinflow, "training_loss", broken)
         with pytest.raises(SystemExit, match=message) as e:
             imagenet_twinflow.main(flags(assets, "--out", str(out), "--resume", "--ckpt-every", "1"))

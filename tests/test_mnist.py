@@ -1,7 +1,6 @@
 """mnist_twinflow.py on a tiny MNIST written in the real idx format, so the real loader runs."""
 import json
 import os
-import signal
 import socket
 import struct
 import subprocess
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 import mnist_twinflow
+from faults import ctrl_c_during_call, infinite_gradient, nan_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -129,16 +129,8 @@ def test_a_corrupt_or_foreign_checkpoint_is_a_clear_error(data_root, tmp_path):
 
 
 def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(data_root, tmp_path, monkeypatch):
-    calls = []
-
-    def loss_then_ctrl_c(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:  # Ctrl-C arrives in the middle of step 2
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(*args, **kwargs)
-
     original = mnist_twinflow.training_loss
-    monkeypatch.setattr(mnist_twinflow, "training_loss", loss_then_ctrl_c)
+    monkeypatch.setattr(mnist_twinflow, "training_loss", ctrl_c_during_call(original, 3))  # in step 2
     with pytest.raises(SystemExit) as e:
         mnist_twinflow.main(tiny(data_root, tmp_path / "o", "--log-every", "1"))
     assert e.value.code == 130
@@ -154,7 +146,6 @@ def test_nan_loss_stops_without_touching_the_last_checkpoint(data_root, tmp_path
     out = tmp_path / "o"
     mnist_twinflow.main(tiny(data_root, out, "--train-steps", "2"))
     before = (out / "checkpoint.pt").read_bytes()
-    nan_loss = lambda *args, **kwargs: (torch.tensor(float("nan"), requires_grad=True), {})
     monkeypatch.setattr(mnist_twinflow, "training_loss", nan_loss)
     with pytest.raises(SystemExit, match="loss is nan at step 2"):
         mnist_twinflow.main(tiny(data_root, out, "--resume"))
@@ -165,14 +156,7 @@ def test_an_infinite_gradient_stops_before_the_update(data_root, tmp_path, monke
     out = tmp_path / "o"
     mnist_twinflow.main(tiny(data_root, out, "--train-steps", "2"))
     before = (out / "checkpoint.pt").read_bytes()
-
-    def finite_loss_infinite_gradient(*args, **kwargs):
-        loss, terms = original(*args, **kwargs)
-        loss.register_hook(lambda grad: grad * float("inf"))  # the value stays finite
-        return loss, terms
-
-    original = mnist_twinflow.training_loss
-    monkeypatch.setattr(mnist_twinflow, "training_loss", finite_loss_infinite_gradient)
+    monkeypatch.setattr(mnist_twinflow, "training_loss", infinite_gradient(mnist_twinflow.training_loss))
     with pytest.raises(SystemExit, match="gradient norm is (inf|nan) at step 2"):
         mnist_twinflow.main(tiny(data_root, out, "--resume", "--ckpt-every", "1"))
     assert (out / "checkpoint.pt").read_bytes() == before

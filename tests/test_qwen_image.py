@@ -20,6 +20,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import scale_qwen_image as sq  # noqa: E402
+from faults import ctrl_c_during_call  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16,
@@ -338,14 +339,8 @@ def test_a_non_finite_loss_stops_with_an_error_and_keeps_the_checkpoint(assets, 
 def test_sigterm_finishes_the_step_saves_and_resumes_exactly(assets, cache, trained, tmp_path, monkeypatch):
     """A scheduler's SIGTERM (or Ctrl-C) in the middle of step 1: the step is finished, step 2 is
     saved, the exit code is 130, and the resumed run matches the uninterrupted one."""
-    real, calls = sq.training_loss, []
-
-    def loss_then_sigterm(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(*args, **kwargs)
-    monkeypatch.setattr(sq, "training_loss", loss_then_sigterm)
+    real = sq.training_loss
+    monkeypatch.setattr(sq, "training_loss", ctrl_c_during_call(real, 2, signal.SIGTERM))
     with pytest.raises(SystemExit) as error:
         sq.main(train_flags(assets, cache, tmp_path / "run", 3, "--ema", "0.9"))
     assert error.value.code == 130
