@@ -22,7 +22,7 @@ The model contract
 Usage (the training loop of every script)
 -----------------------------------------
     loss, logs = training_loss(model, ema, x, method="twinflow", cond={"y": y})
-    loss.backward(); opt.step(); update_ema(ema, model, 0.99, step)
+    opt.zero_grad(); loss.backward(); opt.step(); update_ema(ema, model, 0.99, step)
     images = sample(ema, torch.randn_like(x), steps=1, y=y)   # one network call
 """
 import torch

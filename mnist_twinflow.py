@@ -4,8 +4,8 @@ The same skeleton as toy_2d.py (config → data → model → loss from common.p
 evaluate → save), with what images add: a small UNet, class labels with a null class, the
 enhanced target (training-time guidance, κ), checkpoints, and an offline quality metric.
 
-    python mnist_twinflow.py --data-root ../shared/data                 # cpu preset: twinflow, 17 + 5 min on 2 cores
-    python mnist_twinflow.py --data-root ../shared/data --method flow   # the ablations: flow | rcgm | twinflow
+    python mnist_twinflow.py                                            # cpu preset: twinflow, 17 + 5 min on 2 cores
+    python mnist_twinflow.py --method flow                              # the ablations: flow | rcgm | twinflow
     python mnist_twinflow.py --preset gpu                               # the public tutorial's scale (downloads MNIST)
     python mnist_twinflow.py --resume --out out/mnist_twinflow          # continue exactly where it stopped (Ctrl-C saves)
     python mnist_twinflow.py --sample --ckpt out/mnist_twinflow/checkpoint.pt --nfe 1 --num 1000

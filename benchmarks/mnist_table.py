@@ -1,6 +1,6 @@
 """The README's MNIST table, from the metrics.json files that mnist_twinflow.py runs wrote.
 
-    for m in flow rcgm twinflow; do python mnist_twinflow.py --data-root ../shared/data --method $m; done
+    for m in flow rcgm twinflow; do python mnist_twinflow.py --method $m; done
     python benchmarks/mnist_table.py out/mnist_flow out/mnist_rcgm out/mnist_twinflow
 """
 import json
