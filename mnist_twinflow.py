@@ -6,7 +6,7 @@ enhanced target (training-time guidance, κ), checkpoints, and an offline qualit
 
     python mnist_twinflow.py                                            # cpu preset: twinflow, 17 + 5 min on 2 cores
     python mnist_twinflow.py --method flow                              # the ablations: flow | rcgm | twinflow
-    python mnist_twinflow.py --preset gpu                               # the public tutorial's scale (downloads MNIST)
+    python mnist_twinflow.py --preset gpu                               # the public tutorial's scale
     python mnist_twinflow.py --resume --out out/mnist_twinflow          # continue exactly where it stopped (Ctrl-C saves)
     python mnist_twinflow.py --sample --ckpt out/mnist_twinflow/checkpoint.pt --nfe 1 --num 1000
     python mnist_twinflow.py --eval --ckpt out/mnist_twinflow/checkpoint.pt
