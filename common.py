@@ -71,7 +71,7 @@ def enhanced_velocity(ema_model, x_t, t, x, z, cond, null_cond, kappa):
     with the EMA model F⁻, so the network learns the guided field at scale 1 + κ and is sampled
     WITHOUT guidance (guiding again at inference counts it twice). ∅ must be a real null class
     the model is trained on (class dropout), not a shuffled label: that is not unconditional."""
-    v = z - x
+    v = z.float() - x.float()  # float32 even for bf16 data: every target is built in float32
     if kappa == 0:
         return v
     _, _, F_cond = predict(ema_model, x_t, t, t, **cond)
@@ -105,7 +105,7 @@ def base_target(ema_model, F, x_t, t, tt, v_star, cond, order=2, plain=None):
     for i in range(order):
         t_c = t_m + (tt - t_m) * (i / order)
         t_n = t_m + (tt - t_m) * ((i + 1) / order)
-        _, _, F_ema = predict(ema_model, x, t_c, t_n, **cond)
+        _, _, F_ema = predict(ema_model, x.to(x_t.dtype), t_c, t_n, **cond)  # (the model's input dtype)
         x = x - expand(t_c - t_n, x) * F_ema  # the jump, = |t_n|·ẑ + (1 − |t_n|)·x̂
         P = P + expand(t_c - t_n, x) * F_ema
     residual = (a - b) * F - DT * v_star - P  # = (t − tt)·(F − F*)
@@ -135,7 +135,7 @@ def rectify_loss(model, F_one_step, x_fake, cond, clamp=1.0, max_time=1.0):
     being trained (the authors') or its EMA copy (steadier; see training_loss)."""
     with torch.no_grad():
         z, tau = torch.randn_like(x_fake), max_time * torch.rand(x_fake.shape[0], device=x_fake.device)
-        x_tau = interpolate(x_fake, z, tau)
+        x_tau = interpolate(x_fake, z, tau).to(x_fake.dtype)  # (float32 times would promote bf16 inputs)
         _, _, F_fake_branch = predict(model, x_tau, -tau, -tau, **cond)
         _, _, F_real_branch = predict(model, x_tau, tau, tau, **cond)
         delta_v = (F_fake_branch - F_real_branch).clamp(-clamp, clamp)
@@ -186,7 +186,7 @@ def training_loss(model, ema_model, x, method="twinflow", cond=None, null_cond=N
         raise ValueError("kappa > 0 (the enhanced target) needs null_cond, the unconditional input")
     if method == "flow":
         z, t = torch.randn_like(x), torch.rand(B, device=device)
-        x_t = interpolate(x, z, t)
+        x_t = interpolate(x, z, t).to(x.dtype)  # (t is float32: keep the model's input dtype)
         v_star = enhanced_velocity(ema_model, x_t, t, x, z, cond, null_cond, kappa)
         loss = per_sample_mse(model(x_t, t, t, **cond).float(), v_star).mean()
         return loss, {"loss": loss.detach(), "flow": loss.detach()}
@@ -210,7 +210,7 @@ def training_loss(model, ema_model, x, method="twinflow", cond=None, null_cond=N
                     t_any * u("any")])
     real = torch.cat([index["one"], index["multi"], index["any"]])
     x_real, z_real, cond_real = x[real], torch.randn_like(x[real]), take(cond, real)
-    x_t = interpolate(x_real, z_real, t)
+    x_t = interpolate(x_real, z_real, t).to(x.dtype)  # (t is float32: keep the model's input dtype)
     v_star = enhanced_velocity(ema_model, x_t, t, x_real, z_real, cond_real,
                                take(null_cond or {}, real), kappa)
     inputs, times, targets_times, batch = [x_t], [t], [tt], [real]
@@ -242,7 +242,7 @@ def training_loss(model, ema_model, x, method="twinflow", cond=None, null_cond=N
         adv = adversarial_loss(F[len(real):], z_adv, x_fake)
         F_one = F_real[: n["one"]]  # the one-step part sits first: F(z, 1, 0)
         x_one_step = (x_t[: n["one"]] - F_one).detach()  # x̂ = z − F(z, 1, 0)
-        rectify = rectify_loss(ema_model if rectify_with_ema else model, F_one, x_one_step,
+        rectify = rectify_loss(ema_model if rectify_with_ema else model, F_one, x_one_step.to(x.dtype),
                                take(cond, index["one"]), max_time=rectify_max_time)
         per_sample.append(adv_weight * adv)
         logs.update(adv=adv.mean().detach(), rectify=rectify.mean().detach())
@@ -288,12 +288,17 @@ def sample(model, z, steps=1, style="few", stochastic_ratio=0.0, order=1, gap=(0
         "mul"  tt = t_c   the instantaneous velocity: an ordinary ODE/SDE solver (Euler / Heun)
     each step: x ← (1 − t_n)·x̂ + t_n·(√(1 − s)·ẑ + √s·ε), s = stochastic_ratio, fresh ε each step.
     With s = 0 this is exactly Euler: x + (t_n − t_c)·F.
-    order=2 adds a Heun correction (not on the last step): F is re-evaluated at the Euler point,
-    (t_n, tt = 0 for "few", t_n otherwise), and the two velocities are averaged.
+    order=2 (style "mul" only) adds Heun's correction (not on the last step): F is re-evaluated at
+    the Euler point (x + (t_n − t_c)·F, t_n) and the two velocities are averaged. "few" and "any"
+    already ask for a whole jump; averaging it with an instantaneous velocity is no Heun step and
+    makes an exact any-step model worse (max error 1.8e-7 → 0.10 on a Gaussian flow, 4 steps).
     fake=True runs the twin trajectory (negative times): where the model's own samples come from.
     1 NFE from t = 1 returns x̂ = z − F(z, 1, 0), the one-step generator."""
     if style not in ("few", "any", "mul") or order not in (1, 2):
         raise ValueError(f"style must be few|any|mul and order 1|2, got {style!r}, {order}")
+    if order == 2 and style != "mul":
+        raise ValueError(f"order=2 is Heun's method on the instantaneous velocity: use style='mul', "
+                         f"not {style!r}")
     sign, B, s = (-1.0 if fake else 1.0), z.shape[0], stochastic_ratio
     grid = time_grid(steps, gap, kumaraswamy, device=z.device)
     x, trajectory = z.float(), [z.float()]
@@ -303,8 +308,7 @@ def sample(model, z, steps=1, style="few", stochastic_ratio=0.0, order=1, gap=(0
         x_hat, z_hat, F = predict(model, x.to(z.dtype), sign * t_c, sign * tt, **cond)
         if order == 2 and i < steps - 1:
             x_euler = x + expand(t_n - t_c, x) * F
-            tt_n = torch.zeros_like(t_n) if style == "few" else t_n
-            _, _, F_n = predict(model, x_euler.to(z.dtype), sign * t_n, sign * tt_n, **cond)
+            _, _, F_n = predict(model, x_euler.to(z.dtype), sign * t_n, sign * t_n, **cond)
             F = (F + F_n) / 2
             x_hat, z_hat = x - expand(t_c, x) * F, x + expand(1 - t_c, x) * F
         noise = torch.randn_like(x) if s > 0 else torch.zeros_like(x)

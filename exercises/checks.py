@@ -101,6 +101,8 @@ def check_adversarial_loss(adversarial_loss):
     expect(bool((record["t"] < 0).all()), "time: call the model at NEGATIVE time −τ, the fake trajectory "
                                           "(at +τ it would learn its own samples as if they were real data)")
     expect(close(record["tt"], record["t"]), "target time: tt = t = −τ (the instantaneous velocity)")
+    expect(record["t"].abs().std() > 0.15, "noise level: draw τ ~ U(0, 1) afresh for every sample, "
+                                          "not one fixed τ (the fake branch must learn every level)")
     expect(record["y"] is not None and torch.equal(record["y"], y), "pass the conditioning (**cond) to the model")
     tau = common.expand(record["t"].abs(), x_fake)
     z_new = (record["x_t"] - (1 - tau) * x_fake) / tau
@@ -139,7 +141,8 @@ class SignModel(nn.Module):
 def check_rectify_loss(rectify_loss, clamp=1.0):
     B, D = 32, 8
     model = SignModel(D)
-    F_one_step, x_fake = torch.randn(B, D, requires_grad=True), torch.randn(B, D)
+    F_one_step = torch.randn(B, D, requires_grad=True)
+    x_fake = 2 + 0.5 * torch.randn(B, D)  # off the noise's scale, so x_τ' = x_fake is told from noise
     loss = call(rectify_loss, model, F_one_step, x_fake, {}, clamp=clamp)
     expect(torch.is_tensor(loss) and loss.shape == (B,), f"return the per-sample loss, shape ({B},)")
     signs = sorted({int(s) for call_ in model.calls for s in torch.sign(call_["t"])})
@@ -150,6 +153,18 @@ def check_rectify_loss(rectify_loss, clamp=1.0):
         expect(not close(loss, delta_v.pow(2).mean(1), 1e-4), f"clamp: Δv must be clamped to [−{clamp}, {clamp}]")
         raise AssertionError("the value differs from ‖Δv‖² (mean over dims): with F_one_step − sg(F_one_step − Δv) "
                              "the loss equals the mean of Δv² — are both calls made at the same point x_τ'?")
+    fake, real = [c for c in model.calls if (c["t"] < 0).all()], [c for c in model.calls if (c["t"] > 0).all()]
+    expect(fake and real and all(close(c["tt"], c["t"]) for c in fake + real),
+           "target time: call the model with tt = t (±τ'): Δv compares instantaneous velocities")
+    fake, real = fake[-1], real[-1]
+    expect(close(fake["x_t"], real["x_t"]) and close(fake["t"], -real["t"]),
+           "both calls must see the same point x_τ' and the same τ', with opposite signs of time")
+    tau = common.expand(real["t"], x_fake)
+    expect(bool((tau > 0).all() and (tau <= 1).all()) and real["t"].std() > 0.15,
+           "noise level: draw τ' ~ U(0, 1) afresh for every sample, not one fixed τ'")
+    z_new = (real["x_t"] - (1 - tau) * x_fake) / tau
+    expect(abs(z_new.mean()) < 0.25 and abs(z_new.std() - 1) < 0.25,
+           "x_τ' is not τ'·z' + (1 − τ')·x_fake with Gaussian z': noise the one-step samples first")
     loss.sum().backward()
     expect(F_one_step.grad is not None and F_one_step.grad.abs().sum() > 0,
            "no gradient reaches F_one_step: detach only the target sg(F_one_step − Δv), not F_one_step")

@@ -132,6 +132,39 @@ def test_base_target_fixed_point_on_a_straight_flow(order):
     torch.testing.assert_close(target, F, atol=1e-4, rtol=1e-4)  # ρ divides float32 error by Δt
 
 
+class GaussianFlow(nn.Module):
+    """The exact any-step velocity of the flow from z ~ N(0, 1) to data x ~ N(0, s²): the marginal
+    std is σ(t) = √(t² + (1 − t)²s²) and every ODE path is x_t ∝ σ(t), so the jump t → tt is
+    F = x_t·(1 − σ(tt)/σ(t))/(t − tt), and at tt = t the velocity x_t·σ'(t)/σ(t)."""
+    s = 0.3
+
+    def sigma(self, t):
+        return (t**2 + (1 - t) ** 2 * self.s**2).sqrt()
+
+    def forward(self, x_t, t, tt):
+        t, tt = t.abs().double()[:, None], tt.abs().double()[:, None]
+        instant = x_t * (t - (1 - t) * self.s**2) / self.sigma(t) ** 2
+        gap = torch.where(t == tt, torch.ones_like(t), t - tt)
+        jump = x_t * (1 - self.sigma(tt) / self.sigma(t)) / gap
+        return torch.where(t == tt, instant, jump).float()
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_an_exact_any_step_model_is_a_fixed_point_of_the_base_target(plain):
+    """Unlike a constant field, this one depends on x, so the step back x_t − Δt·v*, the direction
+    of each sub-step and the sum P must all be right for F* to equal the model's own jump."""
+    exact = GaussianFlow()
+    x_t, t = torch.randn(256, 2), torch.rand(256) * 0.5 + 0.5  # (below 0.5 the paths bend more)
+    tt = t * torch.rand(256) * 0.8  # every jump longer than Δt
+    F = exact(x_t, t, tt)
+    v_star = exact(x_t, t, t)  # the conditional mean of z − x, the target's expectation
+    target = lambda v: base_target(exact, F, x_t, t, tt, v, {}, plain=torch.full((256,), plain))
+    # The step back is a first-order finite difference: its O(Δt²) error is O(Δt) in ρ.
+    tolerance = 0.004 if plain else 0.03
+    torch.testing.assert_close(target(v_star), F, atol=tolerance, rtol=0)
+    assert (target(-v_star) - F).abs().mean() > 5 * tolerance  # a step back the wrong way is far off
+
+
 def test_base_target_clamps_the_consistency_residual():
     c = torch.zeros(1, 2)
     t, tt = torch.ones(4), torch.zeros(4)
@@ -323,6 +356,54 @@ def test_rectify_switches_pick_the_model_and_the_noise_range():
         training_loss(model, ema, torch.randn(8, 2), method="rcgm", one_step_target="direct")
 
 
+class Recorder(nn.Module):
+    """Records the inputs and output of every call, and whether it was made with gradient."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, []
+
+    def forward(self, x_t, t, tt, **cond):
+        F = self.model(x_t, t, tt, **cond)
+        self.calls.append((x_t.detach().clone(), t.clone(), tt.clone(), torch.is_grad_enabled(), F.detach().clone()))
+        return F
+
+
+def test_the_adversarial_part_noises_the_fake_samples_with_fresh_noise():
+    """Rebuild z' from the adversarial rows, x_τ = τ·z' + (1 − τ)·x_fake, and compare it with the z
+    that made x_fake = z − F(z, 1, 0): reusing z would learn a coupled, reflow-like field."""
+    model, ema = make((256, 2))
+    recorder = Recorder(model)
+    training_loss(recorder, ema, torch.randn(256, 2), method="twinflow")
+    one_step = [c for c in recorder.calls if not c[3] and (c[1] == 1).all() and (c[2] == 0).all()]
+    with_gradient = [c for c in recorder.calls if c[3]]
+    assert len(one_step) == 1 and len(with_gradient) == 1
+    z, _, _, _, F_fake = one_step[0]
+    x_fake = z - F_fake  # the adversarial part's own samples
+    x_t, t, _, _, _ = with_gradient[0]  # the one forward pass with gradient
+    adversarial = t < 0
+    tau = -t[adversarial][:, None]
+    z_new = (x_t[adversarial] - (1 - tau) * x_fake) / tau
+    assert adversarial.sum() == 64 and abs(z_new.std() - 1) < 0.2  # x_τ is on a line from x_fake to noise
+    assert abs(torch.corrcoef(torch.stack([z_new.flatten(), z.flatten()]))[0, 1]) < 0.3
+
+
+def test_a_bf16_model_trains_and_samples_on_bf16_data():
+    """Without autocast: every network call must get the model's dtype (float32 times promote)."""
+    model, ema = make((8, 2), classes=3)
+    model, ema = model.to(torch.bfloat16), ema.to(torch.bfloat16)
+    x, y = torch.randn(8, 2, dtype=torch.bfloat16), torch.arange(8) % 3
+    null = {"y": torch.full((8,), 3)}
+    for method in ("flow", "rcgm", "twinflow"):
+        for rectify_with_ema in (False, True):
+            loss, _ = training_loss(model, ema, x, method=method, cond={"y": y}, null_cond=null, kappa=0.5,
+                                    rectify_with_ema=rectify_with_ema)
+            loss.backward()
+            assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    out = sample(model, torch.randn(8, 2, dtype=torch.bfloat16), steps=3, style="mul", order=2, y=y)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
 def test_bf16_autocast_on_cpu():
     model, ema = make((8, 2))
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -345,8 +426,25 @@ def test_one_step_sample_from_t1_returns_x_hat():
 def test_number_of_function_evaluations(steps, order, nfe):
     model, _ = make((8, 2))
     spy = Spy(model)
-    sample(spy, torch.randn(8, 2), steps=steps, order=order)
+    sample(spy, torch.randn(8, 2), steps=steps, style="mul", order=order)
     assert len(spy.calls) == nfe
+
+
+def test_each_style_asks_for_its_target_time():
+    model, _ = make((8, 2))
+    grid = time_grid(4)
+    for style, expected_tt in [("few", torch.zeros(4)), ("any", grid[1:]), ("mul", grid[:-1])]:
+        spy = Spy(model)
+        sample(spy, torch.randn(8, 2), steps=4, style=style)
+        torch.testing.assert_close(torch.stack([c[0][0] for c in spy.calls]), grid[:-1])
+        torch.testing.assert_close(torch.stack([c[1][0] for c in spy.calls]), expected_tt)
+
+
+def test_order_2_is_refused_for_the_jump_styles():
+    model, _ = make((8, 2))
+    for style in ("few", "any"):
+        with pytest.raises(ValueError, match="style='mul'"):
+            sample(model, torch.randn(8, 2), steps=4, style=style, order=2)
 
 
 class LinearField(nn.Module):
@@ -362,6 +460,22 @@ def test_order_2_is_more_accurate_than_order_1():
     error = {order: (sample(LinearField(), z, steps=6, style="mul", order=order) - exact).abs().max()
              for order in (1, 2)}
     assert error[2] < error[1] / 5
+
+
+class ZeroVelocity(nn.Module):
+    def forward(self, x_t, t, tt):
+        return torch.zeros_like(x_t)
+
+
+def test_stochastic_sampling_draws_fresh_noise_at_every_step():
+    """With F = 0, x̂ = ẑ = x, so at s = 1 each step is x ← (1 − t_n)·x + t_n·ε: the ε of each
+    step can be read back from the trajectory, and the two draws must be independent."""
+    z = torch.randn(4096, 2)
+    _, (x0, x1, x2, _) = sample(ZeroVelocity(), z, steps=3, stochastic_ratio=1.0, return_trajectory=True)
+    noise_1 = (x1 - x0 / 3) * 3 / 2  # grid 1, 2/3, 1/3, 0
+    noise_2 = (x2 - 2 * x1 / 3) * 3
+    assert abs(noise_1.std() - 1) < 0.05 and abs(noise_2.std() - 1) < 0.05
+    assert abs(torch.corrcoef(torch.stack([noise_1.flatten(), noise_2.flatten()]))[0, 1]) < 0.05
 
 
 def test_stochastic_ratio_and_fake_branch():

@@ -95,18 +95,27 @@ def flipped_target_adversarial(model, z, x_fake, **cond):
     return per_sample_mse(F, x_fake - z_new)
 
 
+def fixed_tau_adversarial(model, z, x_fake, **cond):
+    z_new, tau = torch.randn_like(x_fake), torch.full((x_fake.shape[0],), 0.5)
+    _, _, F = predict(model, interpolate(x_fake, z_new, tau), -tau, -tau, **cond)
+    return per_sample_mse(F, z_new - x_fake)
+
+
 def no_grad_adversarial(model, z, x_fake, **cond):
     with torch.no_grad():
         return reference_adversarial(model, z, x_fake, **cond)
 
 
-def rectify_with(flip=False, detach_target=True, clamp_it=True, same_sign=False):
+def rectify_with(flip=False, detach_target=True, clamp_it=True, same_sign=False, noised=True, tt_zero=False,
+                 fixed_tau=False):
     def rectify_loss(model, F_one_step, x_fake, cond, clamp=1.0):
         with torch.no_grad():
             z, tau = torch.randn_like(x_fake), torch.rand(x_fake.shape[0])
-            x_tau = interpolate(x_fake, z, tau)
-            fake = model(x_tau, tau if same_sign else -tau, tau if same_sign else -tau, **cond)
-            real = model(x_tau, tau, tau, **cond)
+            tau = torch.full_like(tau, 1e-3) if fixed_tau else tau
+            x_tau = interpolate(x_fake, z, tau) if noised else x_fake
+            target_time = torch.zeros_like(tau) if tt_zero else tau
+            fake = model(x_tau, tau if same_sign else -tau, target_time if same_sign else -target_time, **cond)
+            real = model(x_tau, tau, target_time, **cond)
             delta_v = (real - fake) if flip else (fake - real)
             delta_v = delta_v.clamp(-clamp, clamp) if clamp_it else delta_v
         target = F_one_step - delta_v
@@ -179,11 +188,15 @@ PLANTED = [
     ("adversarial", positive_time_adversarial, "NEGATIVE time"),
     ("adversarial", reused_noise_adversarial, "you reused z"),
     ("adversarial", flipped_target_adversarial, "target sign"),
+    ("adversarial", fixed_tau_adversarial, "not one fixed τ"),
     ("adversarial", no_grad_adversarial, "no gradient reaches the model"),
     ("rectify", rectify_with(flip=True), "AWAY from the real data"),
     ("rectify", rectify_with(detach_target=False), "no gradient reaches F_one_step"),
     ("rectify", rectify_with(clamp_it=False), "clamp"),
     ("rectify", rectify_with(same_sign=True), "time branches"),
+    ("rectify", rectify_with(noised=False), "noise the one-step samples first"),
+    ("rectify", rectify_with(tt_zero=True), "tt = t"),
+    ("rectify", rectify_with(fixed_tau=True), "not one fixed τ'"),
     ("base_target", unguarded_base_target, "inf/NaN"),
     ("base_target", unclamped_base_target, "clamp"),
     ("base_target", one_substep_base_target, "order"),
