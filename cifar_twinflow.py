@@ -11,7 +11,7 @@ by default (the literature's setting), and FID with Inception features instead o
     python cifar_twinflow.py --sample --ckpt out/cifar_twinflow/checkpoint.pt
     torchrun --nproc_per_node 8 cifar_twinflow.py --fid --ckpt out/cifar_twinflow/checkpoint.pt --nfe 1
 
-A training run writes to --out: checkpoint.pt (model, EMA, optimizer, step, RNG; replaced
+A training run writes to --out: checkpoint.pt (model, both EMAs, optimizer, step, RNG; replaced
 atomically every --ckpt-every steps), grids.png and grid_nfe*.png (8×8 at 1, 2, 4 NFE and many
 steps, from the EMA), losses.png and train.json (the global batch, time, config). --sample and
 --fid write to eval/ beside --ckpt unless --out is given.
@@ -19,8 +19,8 @@ steps, from the EMA), losses.png and train.json (the global batch, time, config)
 FID protocol (--fid): --num-fid samples (default 50,000) from the EMA weights at --nfe, against the
 50,000 CIFAR-10 training images, with torchmetrics' FrechetInceptionDistance (2048-d pool features
 of the FID Inception-v3 weights, which torchmetrics fetches through torch-fidelity on first use).
-Samples and references are passed as floats in [0, 1] (normalize=True: torchmetrics converts them
-to uint8 as (x·255).byte()). Under torchrun the samples are split across ranks and
+Samples are rounded to 8-bit pixels ((x + 1)·127.5, rounded, as the training images are stored)
+before Inception; torchmetrics' own float path, (x·255).byte(), would truncate instead. Under torchrun the samples are split across ranks and
 torchmetrics sums the statistics. The result, with every setting above, is written to fid.json.
 """
 import argparse
@@ -73,7 +73,9 @@ parser.add_argument("--blocks", type=int, help="ResBlocks per resolution")
 parser.add_argument("--attn-res", help="resolutions with self-attention, e.g. 16 (empty: none)")
 parser.add_argument("--dropout", type=float)
 parser.add_argument("--class-cond", action="store_true", help="condition on the class (with a null class)")
-parser.add_argument("--ema", type=float, default=0.9999)
+parser.add_argument("--ema", type=float, default=0.9999, help="decay of the EMA sampled from (grids, FID)")
+parser.add_argument("--target-ema", type=float, default=0.99,
+                    help="decay of the EMA that builds the training targets (the authors: 0.99)")
 parser.add_argument("--kappa", type=float, default=0.0, help="enhanced-target guidance κ; needs --class-cond")
 parser.add_argument("--order", type=int, default=2, help="N of the RCGM consistency target")
 parser.add_argument("--label-dropout", type=float, default=0.1, help="share of labels replaced by the null class")
@@ -97,7 +99,8 @@ parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
 def parse_args(argv=None):
     preset = parser.parse_known_args(argv)[0].preset
     args = parser.parse_args(argv, argparse.Namespace(**PRESETS[preset]))
-    args.lr_given = parser.parse_known_args(argv, argparse.Namespace(lr=None))[0].lr is not None  # (--resume)
+    unset = argparse.Namespace(**{key: None for key in vars(args)})  # (--resume: what was given again)
+    args.given = sorted(key for key, value in vars(parser.parse_known_args(argv, unset)[0]).items() if value is not None)
     if (args.sample or args.fid) and args.ckpt and not args.out:  # into eval/ beside the checkpoint,
         args.out = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")  # not over its run's files
     args.out = args.out or f"out/cifar_{args.method}"
@@ -105,18 +108,24 @@ def parse_args(argv=None):
         args.mult = [int(m) for m in str(args.mult).split(",")]
         args.attn_res = [int(r) for r in str(args.attn_res).split(",") if r.strip()]
         assert 1 <= len(args.mult) <= 4 and min(args.mult) > 0 and args.channels % 32 == 0
+        # attention splits C channels into C // 64 heads of equal width
+        assert all(args.channels * m < 128 or args.channels * m % 64 == 0 for m in args.mult)
     except (ValueError, AssertionError):
-        parser.error(f"--channels a multiple of 32, --mult 1 to 4 positive integers, --attn-res integers; "
+        parser.error(f"--channels a multiple of 32, --mult 1 to 4 positive integers (each width, channels × "
+                     f"mult, below 128 or a multiple of 64: the attention heads), --attn-res integers; "
                      f"got {args.channels}, {args.mult!r}, {args.attn_res!r}")
     if (args.sample or args.fid) and not args.ckpt:
         parser.error("--sample and --fid need --ckpt PATH")
     if args.kappa and not args.class_cond:
         parser.error("--kappa (the enhanced target) needs --class-cond: guidance needs a class and a null class")
+    if args.num_fid < 2:
+        parser.error(f"--num-fid must be at least 2 (a Fréchet distance needs a covariance), got {args.num_fid}")
     for name in ("train_steps", "batch", "num_fid", "nfe", "many_steps", "ckpt_every", "log_every", "blocks", "order"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if not (0 <= args.ema < 1 and 0 <= args.label_dropout < 1):
-        parser.error(f"--ema and --label-dropout must be in [0, 1), got {args.ema} and {args.label_dropout}")
+    if not (0 <= args.ema < 1 and 0 <= args.target_ema < 1 and 0 <= args.label_dropout < 1):
+        parser.error(f"--ema, --target-ema and --label-dropout must be in [0, 1), got {args.ema}, "
+                     f"{args.target_ema} and {args.label_dropout}")
     if args.kappa and not args.label_dropout and not (args.sample or args.fid):
         parser.error("--kappa needs --label-dropout > 0: the enhanced target reads the null class, "
                      "which only dropout trains")
@@ -300,9 +309,10 @@ class UNet(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: atomic (write, then rename), with everything an exact resume needs
 # ----------------------------------------------------------------------------------------------
-def save_checkpoint(path, model, ema, opt, step, logs, args):
+def save_checkpoint(path, model, ema, target_ema, opt, step, logs, args):
     device = next(model.parameters()).device
-    state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
+    state = {"model": model.state_dict(), "ema": ema.state_dict(), "target_ema": target_ema.state_dict(),
+             "opt": opt.state_dict(), "step": step,
              "logs": logs, "config": {k: v for k, v in vars(args).items()},
              "rng": {"cpu": torch.get_rng_state(),  # and the generator of the device we train on, if any
                      "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
@@ -325,6 +335,28 @@ def load_checkpoint(path, flag):
 
 
 ARCHITECTURE = ("channels", "mult", "blocks", "attn_res", "class_cond")
+# What describes this invocation, not the run: --resume never takes these from the checkpoint.
+THIS_INVOCATION = ("out", "resume", "device", "data_root", "no_download", "compile", "sample", "fid", "ckpt",
+                   "nfe", "num_fid", "given", "lr_given")
+
+
+def resume_settings(args, config, path):
+    """--resume continues the checkpoint's run: every setting not given on this command line takes the
+    run's value (so `--resume --out DIR` needs nothing else). A different --method or architecture is
+    refused; any other flag given again (a longer --train-steps, a new --lr) wins, and is reported."""
+    changed = []
+    for key, saved in config.items():
+        if key in THIS_INVOCATION or not hasattr(args, key):
+            continue
+        if key not in args.given:
+            setattr(args, key, saved)
+        elif saved != getattr(args, key):
+            if key in ("method", *ARCHITECTURE):
+                raise SystemExit(f"error: --resume {path}: trained with --{key.replace('_', '-')} {saved}, "
+                                 f"not {getattr(args, key)}")
+            changed.append(f"--{key.replace('_', '-')} {getattr(args, key)} (the run's: {saved})")
+    if changed:
+        print(f"resume with {', '.join(changed)}")
 
 
 def build_model(config):
@@ -336,24 +368,28 @@ def build_model(config):
 # Train
 # ----------------------------------------------------------------------------------------------
 def train(args, rank, world, device):
+    path = os.path.join(args.out, "checkpoint.pt")
+    state = load_checkpoint(path, "--resume") if args.resume else None
+    if state:
+        resume_settings(args, state["config"], path)
     torch.manual_seed(args.seed)  # the same initial weights on every rank and for every method
     model = build_model(vars(args)).to(device)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)  # eval: no dropout in the targets it builds
+    # Two EMA copies, both in eval mode (no dropout). The targets (RCGM's consistency target, the
+    # enhanced target, and Δv when there is dropout) come from a short one, 0.99 as the authors': a
+    # 0.9999 one averages over the last 10,000 steps, far too stale. Samples and FID use the long one.
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    target_ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     step, logs = 0, []
-    path = os.path.join(args.out, "checkpoint.pt")
-    if args.resume:
-        state = load_checkpoint(path, "--resume")
-        for key in ("method", *ARCHITECTURE):
-            if state["config"][key] != getattr(args, key):
-                raise SystemExit(f"error: --resume {path}: trained with --{key.replace('_', '-')} "
-                                 f"{state['config'][key]}, not {getattr(args, key)}")
+    if state:
         try:
             model.load_state_dict(state["model"]), ema.load_state_dict(state["ema"])
+            # (checkpoints before 2026-11-28 had one EMA: the 0.99 one then starts from the model)
+            target_ema.load_state_dict(state.get("target_ema", state["model"]))
         except RuntimeError as e:  # (the flags checked above match, the shapes do not: other data?)
             raise SystemExit(f"error: --resume {path}: does not fit this model ({str(e).splitlines()[0]})")
         opt.load_state_dict(state["opt"])
-        if args.lr_given:  # a new --lr wins; without one, the optimizer state's saved lr goes on
+        if "lr" in args.given:  # a new --lr wins; without one, the optimizer state's saved lr goes on
             for group in opt.param_groups:
                 group["lr"] = args.lr
         step, logs = state["step"], state["logs"]
@@ -379,8 +415,9 @@ def train(args, rank, world, device):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
     bar = tqdm(range(step, args.train_steps), desc=args.method, disable=rank != 0, initial=step,
                total=args.train_steps)
-    interrupted = []  # Ctrl-C finishes the current step, then saves: never half an optimizer update
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    interrupted = []  # Ctrl-C (or a scheduler's SIGTERM) finishes the current step, then saves
+    previous_handlers = {sig: signal.signal(sig, lambda *_: interrupted.append(True))
+                         for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         for step in bar:
             stop = torch.tensor(float(bool(interrupted)), device=device)
@@ -393,9 +430,14 @@ def train(args, rank, world, device):
             if args.class_cond:
                 y = torch.where(torch.rand(per_rank, device=device) < args.label_dropout, null, labels[index])
                 cond, null_cond = {"y": y}, {"y": null}
-            with autocast:  # common.py computes every loss and target in float32
-                loss, terms = training_loss(net, ema, x, method=args.method, cond=cond, null_cond=null_cond,
-                                            kappa=args.kappa, order=args.order)
+            # Under autocast every network call runs in bf16, the target EMA's too; common.py does the
+            # arithmetic on their outputs in float32, but ρ = (t − tt)/Δt·(F − F*) scales their
+            # rounding by up to 100: one more reason for its clamp. With dropout, Δv comes from the
+            # target EMA, since two calls of the live model would differ by their dropout masks.
+            with autocast:
+                loss, terms = training_loss(net, target_ema, x, method=args.method, cond=cond,
+                                            null_cond=null_cond, kappa=args.kappa, order=args.order,
+                                            rectify_with_ema=args.dropout > 0)
             bad = torch.tensor(float(not torch.isfinite(loss)), device=device)
             if world > 1:  # decide together, or the other ranks wait forever in backward()
                 dist.all_reduce(bad, op=dist.ReduceOp.MAX)
@@ -410,23 +452,28 @@ def train(args, rank, world, device):
                                  f"try a lower --lr, then --resume")
             opt.step()
             update_ema(ema, model, args.ema, step)
+            update_ema(target_ema, model, args.target_ema, step)
             if step % args.log_every == 0:
                 logs.append({"step": step, **{k: v.item() for k, v in terms.items()}})
                 bar.set_postfix(loss=f"{logs[-1]['loss']:.3f}", refresh=False)
             if rank == 0 and (step + 1) % args.ckpt_every == 0:
-                save_checkpoint(path, model, ema, opt, step + 1, logs, args)
+                save_checkpoint(path, model, ema, target_ema, opt, step + 1, logs, args)
         else:
             step = max(step, args.train_steps)  # (a resumed run may already be past --train-steps)
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
-    if interrupted and step < args.train_steps:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+    stop = torch.tensor(float(bool(interrupted)), device=device)
+    if world > 1:  # (a signal in the very last step stops here too, before the evaluation)
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+    if stop:
         if rank == 0:  # `step` is the first step not taken: resume starts there
-            save_checkpoint(path, model, ema, opt, step, logs, args)
+            save_checkpoint(path, model, ema, target_ema, opt, step, logs, args)
             print(f"\ninterrupted: saved step {step} to {path}; continue with --resume")
         raise SystemExit(130)
     if rank == 0:
-        save_checkpoint(path, model, ema, opt, step, logs, args)
-    return ema, logs
+        save_checkpoint(path, model, ema, target_ema, opt, step, logs, args)
+    return ema, logs, step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -464,6 +511,11 @@ def write_grids(model, method, out, many_steps, seed):
 # ----------------------------------------------------------------------------------------------
 # Evaluate: FID with Inception features (see the protocol in the docstring)
 # ----------------------------------------------------------------------------------------------
+def to_uint8(x):
+    """[−1, 1] images → uint8 pixels, rounded to the nearest of the 256 levels (exact for the data)."""
+    return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
 def fid_features():
     """2048: torchmetrics' FID Inception-v3 pool features. The tests swap in a tiny stand-in."""
     return 2048
@@ -473,15 +525,15 @@ def fid_features():
 def compute_fid(model, method, args, rank, world, device, batch=250):
     feature = fid_features()
     metric_device = torch.device("cpu") if device.type == "mps" else device  # float64 statistics: not on MPS
-    fid = FrechetInceptionDistance(feature=feature, normalize=True).to(metric_device)
+    fid = FrechetInceptionDistance(feature=feature).to(metric_device)  # takes uint8 pixels
     images, _ = load_cifar(args.data_root, train=True, download=not args.no_download)
     for x in images[rank::world].split(batch):  # the reference: all 50,000 training images
-        fid.update((x.to(metric_device).float() / 255), real=True)
+        fid.update(x.to(metric_device), real=True)  # (stored as uint8)
     labels = torch.arange(rank, args.num_fid, world) % 10  # this rank's share; classes spread evenly
     generator = torch.Generator().manual_seed(args.seed + 10_000 * rank)
     for y in tqdm(labels.split(batch), desc=f"FID {args.nfe} NFE", disable=rank != 0):
         x = generate(model, method, y, args.nfe, args.many_steps, generator, batch)
-        fid.update(((x + 1) / 2).to(metric_device), real=False)
+        fid.update(to_uint8(x).to(metric_device), real=False)
     value = fid.compute().item()  # torchmetrics sums the statistics over ranks first
     return value, f"Inception-v3 pool ({feature})" if feature == 2048 else type(feature).__name__
 
@@ -542,7 +594,7 @@ def main(argv=None):
     if args.batch // world < 4:
         parser.error(f"--batch {args.batch} over {world} rank(s): each needs at least 4 (twinflow splits in 4)")
     start = time.time()
-    ema, logs = train(args, rank, world, device)
+    ema, logs, step = train(args, rank, world, device)
     seconds = round(time.time() - start, 1)
     if world > 1:
         dist.destroy_process_group()
@@ -550,7 +602,7 @@ def main(argv=None):
         return None
     plot_losses(os.path.join(args.out, "losses.png"), logs)
     write_grids(ema.eval(), args.method, args.out, args.many_steps, args.seed + 2)
-    result = {"method": args.method, "train_seconds": seconds, "steps": args.train_steps, "world_size": world,
+    result = {"method": args.method, "train_seconds": seconds, "steps": step, "world_size": world,
               "global_batch": args.batch // world * world, "device": str(device),
               "parameters": sum(p.numel() for p in ema.parameters()), "config": vars(args)}
     with open(os.path.join(args.out, "train.json"), "w") as f:

@@ -92,7 +92,8 @@ parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
 def parse_args(argv=None):
     preset = parser.parse_known_args(argv)[0].preset
     args = parser.parse_args(argv, argparse.Namespace(**PRESETS[preset]))
-    args.lr_given = parser.parse_known_args(argv, argparse.Namespace(lr=None))[0].lr is not None  # (--resume)
+    unset = argparse.Namespace(**{key: None for key in vars(args)})  # (--resume: what was given again)
+    args.given = sorted(key for key, value in vars(parser.parse_known_args(argv, unset)[0]).items() if value is not None)
     if (args.sample or args.eval) and args.ckpt and not args.out:  # into eval/ beside the checkpoint,
         args.out = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")  # not over its run's files
     args.out = args.out or f"out/mnist_{args.method}"
@@ -103,6 +104,8 @@ def parse_args(argv=None):
         parser.error(f"--channels: three multiples of 8, like 32,64,64; got {args.channels!r}")
     if (args.sample or args.eval) and not args.ckpt:
         parser.error("--sample and --eval need --ckpt PATH")
+    if args.num_eval < 2:
+        parser.error(f"--num-eval must be at least 2 (a Fréchet distance needs a covariance), got {args.num_eval}")
     for name in ("train_steps", "batch", "num_eval", "num", "nfe", "many_steps", "ckpt_every", "log_every", "order"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -241,6 +244,29 @@ def load_checkpoint(path, flag):
     return state
 
 
+# What describes this invocation, not the run: --resume never takes these from the checkpoint.
+THIS_INVOCATION = ("out", "resume", "device", "data_root", "no_download", "sample", "eval", "ckpt", "given",
+                   "lr_given")
+
+
+def resume_settings(args, config, path):
+    """--resume continues the checkpoint's run: every setting not given on this command line takes the
+    run's value (so `--resume --out DIR` needs nothing else). A different --method or --channels is
+    refused; any other flag given again (a longer --train-steps, a new --lr) wins, and is reported."""
+    changed = []
+    for key, saved in config.items():
+        if key in THIS_INVOCATION or not hasattr(args, key):
+            continue
+        if key not in args.given:
+            setattr(args, key, saved)
+        elif saved != getattr(args, key):
+            if key in ("method", "channels"):
+                raise SystemExit(f"error: --resume {path}: trained with --{key} {saved}, not {getattr(args, key)}")
+            changed.append(f"--{key.replace('_', '-')} {getattr(args, key)} (the run's: {saved})")
+    if changed:
+        print(f"resume with {', '.join(changed)}")
+
+
 def build_model(config):
     return UNet(config["channels"])
 
@@ -249,24 +275,22 @@ def build_model(config):
 # Train
 # ----------------------------------------------------------------------------------------------
 def train(args, rank, world, device):
+    path = os.path.join(args.out, "checkpoint.pt")
+    state = load_checkpoint(path, "--resume") if args.resume else None
+    if state:
+        resume_settings(args, state["config"], path)
     torch.manual_seed(args.seed)  # the same initial weights on every rank and for every method
     model = build_model(vars(args)).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)  # eval: no dropout in the targets it builds
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     step, logs = 0, []
-    path = os.path.join(args.out, "checkpoint.pt")
-    if args.resume:
-        state = load_checkpoint(path, "--resume")
-        for key in ("method", "channels"):
-            if state["config"][key] != getattr(args, key):
-                raise SystemExit(f"error: --resume {path}: trained with --{key} {state['config'][key]}, "
-                                 f"not {getattr(args, key)}")
+    if state:
         try:
             model.load_state_dict(state["model"]), ema.load_state_dict(state["ema"])
         except RuntimeError as e:  # (the flags checked above match, the shapes do not: other data?)
             raise SystemExit(f"error: --resume {path}: does not fit this model ({str(e).splitlines()[0]})")
         opt.load_state_dict(state["opt"])
-        if args.lr_given:  # a new --lr wins; without one, the optimizer state's saved lr goes on
+        if "lr" in args.given:  # a new --lr wins; without one, the optimizer state's saved lr goes on
             for group in opt.param_groups:
                 group["lr"] = args.lr
         step, logs = state["step"], state["logs"]
@@ -290,8 +314,9 @@ def train(args, rank, world, device):
     null = torch.full((per_rank,), model.null_class, device=device)
     bar = tqdm(range(step, args.train_steps), desc=args.method, disable=rank != 0, initial=step,
                total=args.train_steps)
-    interrupted = []  # Ctrl-C finishes the current step, then saves: never half an optimizer update
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    interrupted = []  # Ctrl-C (or a scheduler's SIGTERM) finishes the current step, then saves
+    previous_handlers = {sig: signal.signal(sig, lambda *_: interrupted.append(True))
+                         for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         for step in bar:
             stop = torch.tensor(float(bool(interrupted)), device=device)
@@ -326,15 +351,19 @@ def train(args, rank, world, device):
         else:
             step = max(step, args.train_steps)  # (a resumed run may already be past --train-steps)
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
-    if interrupted and step < args.train_steps:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+    stop = torch.tensor(float(bool(interrupted)), device=device)
+    if world > 1:  # (a signal in the very last step stops here too, before the evaluation)
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+    if stop:
         if rank == 0:  # `step` is the first step not taken: resume starts there
             save_checkpoint(path, model, ema, opt, step, logs, args)
             print(f"\ninterrupted: saved step {step} to {path}; continue with --resume")
         raise SystemExit(130)
     if rank == 0:
         save_checkpoint(path, model, ema, opt, step, logs, args)
-    return ema, logs
+    return ema, logs, step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -540,7 +569,7 @@ def main(argv=None):
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
     start = time.time()
-    ema, logs = train(args, rank, world, device)
+    ema, logs, step = train(args, rank, world, device)
     seconds = round(time.time() - start, 1)
     if world > 1:
         dist.destroy_process_group()
@@ -548,7 +577,7 @@ def main(argv=None):
         return None
     plot_losses(os.path.join(args.out, "losses.png"), logs)
     return report(ema.eval(), args.method, args, device,
-                  {"train_seconds": seconds, "steps": args.train_steps, "world_size": world,
+                  {"train_seconds": seconds, "steps": step, "world_size": world,
                    "config": {k: v for k, v in vars(args).items()}})
 
 

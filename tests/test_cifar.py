@@ -60,7 +60,8 @@ def test_missing_data_is_a_one_line_error(tmp_path):
 
 
 def test_bad_flags_are_refused(data_root, tmp_path):
-    for flags in (["--kappa", "0.5"], ["--channels", "20"], ["--mult", "1,x"], ["--fid"], ["--batch", "2"]):
+    for flags in (["--kappa", "0.5"], ["--channels", "20"], ["--mult", "1,x"], ["--fid"], ["--batch", "2"],
+                  ["--channels", "224"], ["--mult", "1,7"], ["--num-fid", "1"], ["--target-ema", "1"]):
         with pytest.raises(SystemExit) as e:
             cifar_twinflow.main(tiny(data_root, tmp_path / "o") + flags)
         assert e.value.code == 2, flags
@@ -85,6 +86,22 @@ def test_training_writes_checkpoint_grids_and_record(data_root, tmp_path, flags)
         assert (out / name).stat().st_size > 0, name
     record = json.loads((out / "train.json").read_text())
     assert record["global_batch"] == 8 and record["steps"] == 3 and result["parameters"] > 0
+
+
+def test_targets_come_from_the_short_ema_and_samples_from_the_long_one(data_root, tmp_path, monkeypatch):
+    used = []
+
+    def spy(model, ema_model, x, **kwargs):
+        used.append(ema_model)
+        return common_training_loss(model, ema_model, x, **kwargs)
+    common_training_loss = cifar_twinflow.training_loss
+    monkeypatch.setattr(cifar_twinflow, "training_loss", spy)
+    cifar_twinflow.main(tiny(data_root, tmp_path / "o", "--target-ema", "0.05"))  # (below the warm-up's 1/11)
+    state = torch.load(tmp_path / "o" / "checkpoint.pt", weights_only=False)
+    assert state["config"]["ema"] == 0.9999 and state["config"]["target_ema"] == 0.05
+    target = {k: v.cpu() for k, v in used[-1].state_dict().items()}
+    assert all(torch.equal(target[k], v) for k, v in state["target_ema"].items())
+    assert not all(torch.equal(state["target_ema"][k], v) for k, v in state["ema"].items())
 
 
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(data_root, tmp_path):
@@ -195,7 +212,15 @@ class TinyFeatures(nn.Module):
         self.net = nn.Sequential(nn.AvgPool2d(4), nn.Flatten(), nn.Linear(3 * 8 * 8, 16))
 
     def forward(self, x):
+        assert x.dtype == torch.uint8  # FID's protocol: 8-bit pixels, as Inception gets them
         return self.net(x.float())
+
+
+def test_samples_are_rounded_to_the_pixel_levels_the_data_has():
+    levels = torch.arange(256)
+    assert torch.equal(cifar_twinflow.to_uint8(levels / 127.5 - 1), levels.to(torch.uint8))
+    assert torch.equal(cifar_twinflow.to_uint8(torch.tensor([-3.0, 3.0, 0.999 / 127.5 - 1])),
+                       torch.tensor([0, 255, 1], dtype=torch.uint8))  # clamped; rounded, not truncated
 
 
 def test_fid_code_path_with_a_stand_in_feature_extractor(data_root, tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """mnist_twinflow.py on a tiny MNIST written in the real idx format, so the real loader runs."""
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -142,6 +143,20 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(data_root, tmp_path,
     assert logs[0] == logs[1]
 
 
+def test_sigterm_in_the_last_step_stops_before_the_evaluation(data_root, tmp_path, monkeypatch):
+    """A scheduler's SIGTERM is handled like Ctrl-C, even in the last step: the run saves and exits,
+    and a --resume with nothing left to train goes straight to the evaluation."""
+    original = mnist_twinflow.training_loss
+    monkeypatch.setattr(mnist_twinflow, "training_loss", ctrl_c_during_call(original, 4, signal.SIGTERM))
+    with pytest.raises(SystemExit) as e:
+        mnist_twinflow.main(tiny(data_root, tmp_path / "o"))
+    assert e.value.code == 130 and not (tmp_path / "o" / "metrics.json").exists()
+    assert torch.load(tmp_path / "o" / "checkpoint.pt", weights_only=False)["step"] == 4
+    monkeypatch.setattr(mnist_twinflow, "training_loss", original)
+    mnist_twinflow.main(tiny(data_root, tmp_path / "o", "--resume"))
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["steps"] == 4
+
+
 def test_nan_loss_stops_without_touching_the_last_checkpoint(data_root, tmp_path, monkeypatch):
     out = tmp_path / "o"
     mnist_twinflow.main(tiny(data_root, out, "--train-steps", "2"))
@@ -162,14 +177,19 @@ def test_an_infinite_gradient_stops_before_the_update(data_root, tmp_path, monke
     assert (out / "checkpoint.pt").read_bytes() == before
 
 
-def test_a_new_lr_holds_after_resume_and_the_saved_one_without(data_root, tmp_path):
+def test_resume_keeps_the_runs_settings_unless_given_again(data_root, tmp_path):
+    """Every flag not given again comes from the checkpoint (not from the preset); a flag given again
+    (a longer --train-steps, a new --lr) wins; metrics.json reports the step training reached."""
     out = tmp_path / "o"
-    saved_lr = lambda: torch.load(out / "checkpoint.pt", weights_only=False)["opt"]["param_groups"][0]["lr"]
-    mnist_twinflow.main(tiny(data_root, out, "--train-steps", "2", "--lr", "3e-4"))
+    saved = lambda: torch.load(out / "checkpoint.pt", weights_only=False)
+    mnist_twinflow.main(tiny(data_root, out, "--train-steps", "2", "--lr", "3e-4", "--kappa", "0", "--order", "1"))
     mnist_twinflow.main(tiny(data_root, out, "--train-steps", "3", "--resume"))
-    assert saved_lr() == 3e-4  # not the preset's default
+    state = saved()
+    assert state["opt"]["param_groups"][0]["lr"] == 3e-4 and state["step"] == 3
+    assert state["config"]["kappa"] == 0 and state["config"]["order"] == 1 and state["config"]["lr"] == 3e-4
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 3
     mnist_twinflow.main(tiny(data_root, out, "--resume", "--lr", "1e-5"))
-    assert saved_lr() == 1e-5
+    assert saved()["opt"]["param_groups"][0]["lr"] == 1e-5 and saved()["step"] == 4
 
 
 def test_sample_mode_writes_grids_and_evenly_spread_classes(data_root, tmp_path):
