@@ -108,7 +108,8 @@ parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
 
 def parse_args(argv=None):
     args = parser.parse_args(argv)
-    args.lr_given = parser.parse_known_args(argv, argparse.Namespace(lr=None))[0].lr is not None  # (--resume)
+    unset = argparse.Namespace(**{key: None for key in vars(args)})  # (--resume: what was given again)
+    args.given = sorted(key for key, value in vars(parser.parse_known_args(argv, unset)[0]).items() if value is not None)
     if args.resolution % 16:
         parser.error(f"--resolution {args.resolution}: must be a multiple of 16 (VAE 8× and 2×2 patches)")
     if args.precompute and not (args.data and args.cache):
@@ -659,6 +660,30 @@ def read_train_state(path):
         raise SystemExit(f"error: {path}: not a checkpoint of this script ({type(e).__name__}: {e})")
 
 
+# What describes this invocation, not the run: --resume never takes these from the checkpoint.
+THIS_INVOCATION = ("out", "resume", "device", "cache", "plan", "gpu_memory", "precompute", "data", "shard_size",
+                   "encode_batch", "export", "sample", "ckpt", "prompts", "nfe", "pipeline_steps", "given",
+                   "lr_given")
+
+
+def resume_settings(args, config, path):
+    """--resume continues the checkpoint's run: every setting not given on this command line takes the
+    run's value. A different --model, --method or --ema (whether the checkpoint holds an EMA) is
+    refused; any other flag given again (a longer --train-steps, a new --lr) wins, and is reported."""
+    changed = []
+    for key, saved in config.items():
+        if key in THIS_INVOCATION or not hasattr(args, key):
+            continue
+        if key not in args.given:
+            setattr(args, key, saved)
+        elif saved != getattr(args, key):
+            if key in ("model", "method", "ema"):
+                raise SystemExit(f"error: --resume {path}: trained with --{key} {saved}, not {getattr(args, key)}")
+            changed.append(f"--{key.replace('_', '-')} {getattr(args, key)} (the run's: {saved})")
+    if changed and int(os.environ.get("RANK", 0)) == 0:
+        print(f"resume with {', '.join(changed)}")
+
+
 def load_checkpoint(path, model, ema, opt, rank, world, method):
     """Load the shards of `path` into the (sharded) model, EMA and optimizer; any world size."""
     state = read_train_state(path)
@@ -696,6 +721,11 @@ def load_checkpoint(path, model, ema, opt, rank, world, method):
 # Train
 # ----------------------------------------------------------------------------------------------
 def train(args, rank, world, device):
+    if args.resume:
+        found = checkpoint_dirs(args.out)
+        if not found:
+            raise SystemExit(f"error: --resume: no checkpoint in {args.out}/checkpoints")
+        resume_settings(args, read_train_state(found[-1])["config"], found[-1])
     cache = Cache(args.cache)
     per_rank = args.batch // world
     model = build(args, world, device)
@@ -704,11 +734,8 @@ def train(args, rank, world, device):
     step, logs, last_saved = 0, [], None  # last_saved: (step, path) of the newest checkpoint on disk
     torch.manual_seed(args.seed + 1000 * rank)  # each rank draws its own batches and noise
     if args.resume:
-        found = checkpoint_dirs(args.out)
-        if not found:
-            raise SystemExit(f"error: --resume: no checkpoint in {args.out}/checkpoints")
         step, logs = load_checkpoint(found[-1], model, ema, opt, rank, world, args.method)
-        if args.lr_given:  # a new --lr wins; without one, the optimizer state's saved lr goes on
+        if "lr" in args.given:  # a new --lr wins; without one, the optimizer state's saved lr goes on
             for group in opt.param_groups:
                 group["lr"] = args.lr
         last_saved = (step, found[-1])
@@ -827,6 +854,7 @@ GAPS = {1: (0.0, 0.0), 2: (0.001, 0.6), 4: (0.001, 0.5)}  # the authors' grids: 
 
 @torch.no_grad()
 def sample_images(args, device):
+    torch.manual_seed(args.seed)  # the fresh noise of the 2- and 4-NFE re-noising steps
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     transformer = load_transformer(args.ckpt, dtype)
     try:
