@@ -17,7 +17,9 @@ its `t` embedder, guidance comes from the enhanced target (κ), and FID needs de
 flipped copies, AutoencoderKL from diffusers (--vae: a hub id or a local folder), latents sampled from
 the posterior and multiplied by the VAE's scaling factor, written as shard_NNNNN.pt files of
 {"latents": float16 (n, C, h, w), "labels": (n,)} plus meta.json (VAE, scaling factor, classes).
-Training writes checkpoint.pt (atomic, with EMA, optimizer, step, RNG) and train.json; --sample writes
+Training memory-maps the shards and moves only each batch to the device: the data stay in the page
+cache, one copy for all ranks (ImageNet with flips: 1.28M × 2 × 4×32×32 × 2 bytes ≈ 19.5 GiB).
+Training writes checkpoint.pt (atomic, with both EMAs, optimizer, step, RNG) and train.json; --sample writes
 grid_nfe*.png (rows: --classes); --fid writes fid.json (protocol: README, and the fid() docstring);
 both write to eval/ beside --ckpt unless --out is given.
 """
@@ -29,6 +31,7 @@ import math
 import os
 import signal
 import time
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -54,7 +57,7 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--extract", action="store_true", help="stage 1: encode --image-dir to --latents")
 parser.add_argument("--image-dir", help="an ImageFolder (one sub-folder per class)")
 parser.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="hub id or local diffusers folder")
-parser.add_argument("--resolution", type=int, default=256)
+parser.add_argument("--resolution", type=int, default=256, help="a multiple of 16")
 parser.add_argument("--flip-copies", action="store_true", help="also encode each image mirrored")
 parser.add_argument("--shard-size", type=int, default=10_000, help="images per shard")
 parser.add_argument("--workers", type=int, default=4, help="data-loading processes for --extract")
@@ -67,7 +70,9 @@ parser.add_argument("--heads", type=int, help="override the number of heads")
 parser.add_argument("--train-steps", type=int, default=400_000)
 parser.add_argument("--batch", type=int, default=256, help="global batch (split across DDP ranks)")
 parser.add_argument("--lr", type=float, default=1e-4)
-parser.add_argument("--ema", type=float, default=0.9999)
+parser.add_argument("--ema", type=float, default=0.9999, help="decay of the EMA sampled from (grids, FID)")
+parser.add_argument("--target-ema", type=float, default=0.99,
+                    help="decay of the EMA that builds the training targets (the authors: 0.99)")
 parser.add_argument("--kappa", type=float, default=0.5, help="enhanced-target guidance κ (0: off)")
 parser.add_argument("--order", type=int, default=2, help="N of the RCGM consistency target")
 parser.add_argument("--label-dropout", type=float, default=0.1, help="share of labels replaced by the null class")
@@ -83,7 +88,7 @@ parser.add_argument("--classes", default="207,360,387,974,88,979,417,279", help=
 parser.add_argument("--per-class", type=int, default=8, help="--sample: images per class")
 parser.add_argument("--many-steps", type=int, default=32, help="NFE of the 'many steps' grid")
 parser.add_argument("--fid", action="store_true", help="FID of --ckpt's EMA at --nfe against --fid-ref")
-parser.add_argument("--fid-ref", help="reference images: an .npz whose arr_0 is (N, H, W, 3) uint8 (ADM format)")
+parser.add_argument("--fid-ref", help="ADM's reference .npz: its mu/sigma if it has them, else arr_0 (N, H, W, 3) uint8")
 parser.add_argument("--ckpt", help="checkpoint for --sample / --fid")
 parser.add_argument("--nfe", type=int, default=1, help="--fid: NFE of the samples")
 parser.add_argument("--num-fid", type=int, default=50_000, help="--fid: how many samples")
@@ -93,7 +98,8 @@ parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
 
 def parse_args(argv=None):
     args = parser.parse_args(argv)
-    args.lr_given = parser.parse_known_args(argv, argparse.Namespace(lr=None))[0].lr is not None  # (--resume)
+    unset = argparse.Namespace(**{key: None for key in vars(args)})  # (--resume: what was given again)
+    args.given = sorted(key for key, value in vars(parser.parse_known_args(argv, unset)[0]).items() if value is not None)
     if (args.sample or args.fid) and args.ckpt and not args.out:  # into eval/ beside the checkpoint,
         args.out = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")  # not over its run's files
     args.out = args.out or f"out/imagenet_{args.method}"
@@ -113,12 +119,18 @@ def parse_args(argv=None):
         parser.error(f"--classes: comma-separated class indices, like 207,360; got {classes!r}")
     if args.fid and not args.fid_ref:
         parser.error("--fid needs --fid-ref (e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")
+    if args.fid and args.num_fid < 2:
+        parser.error(f"--num-fid {args.num_fid}: a covariance needs at least 2 samples")
     for name in ("train_steps", "batch", "num_fid", "nfe", "many_steps", "ckpt_every", "log_every", "per_class",
                  "shard_size", "resolution", "order"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if not (0 <= args.ema < 1 and 0 <= args.label_dropout < 1):
-        parser.error(f"--ema and --label-dropout must be in [0, 1), got {args.ema} and {args.label_dropout}")
+    if args.resolution % 16:  # found here, not at the first training step after a whole extraction
+        parser.error(f"--resolution {args.resolution}: must be a multiple of 16 (the VAE downsamples 8×, "
+                     f"the DiT's patches are 2×2 latents)")
+    if not (0 <= args.ema < 1 and 0 <= args.target_ema < 1 and 0 <= args.label_dropout < 1):
+        parser.error(f"--ema, --target-ema and --label-dropout must be in [0, 1), got {args.ema}, "
+                     f"{args.target_ema} and {args.label_dropout}")
     if args.kappa and not args.label_dropout and not (args.sample or args.fid or args.extract):
         parser.error("--kappa needs --label-dropout > 0: the enhanced target reads the null class, "
                      "which only dropout trains")
@@ -145,7 +157,8 @@ def setup_distributed(args):
         return 0, 1, pick_device(args.device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     device = pick_device(args.device, local_rank)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # An hour, not NCCL's 10 minutes: at --extract's last barrier a rank may wait for a whole shard.
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=60))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return rank, world, device
@@ -194,8 +207,10 @@ def extract(args, rank, world, device):
             json.dump(settings, f)
         os.replace(manifest + ".tmp", manifest)
     shards = range(math.ceil(len(dataset) / args.shard_size))
-    todo = [k for k in shards if k % world == rank
-            and not os.path.exists(os.path.join(args.latents, f"shard_{k:05d}.pt"))]  # resumable
+    missing = [k for k in shards if not os.path.exists(os.path.join(args.latents, f"shard_{k:05d}.pt"))]
+    if world > 1:  # every rank has listed the same missing shards before any is written
+        dist.barrier()
+    todo = missing[rank::world]  # resumable, and the work stays even across ranks (also on resume)
     for k in tqdm(todo, desc=f"rank {rank} shards", disable=rank != 0):
         torch.manual_seed(args.seed + k)  # the posterior's draws: a shard is the same if extracted again
         part = torch.utils.data.Subset(dataset, range(k * args.shard_size, min((k + 1) * args.shard_size, len(dataset))))
@@ -222,7 +237,8 @@ def extract(args, rank, world, device):
 
 
 def load_latents(folder):
-    """All shards, in order → (latents float16 (N, C, h, w), labels (N,), meta)."""
+    """All shards, in order, memory-mapped → (dataset, meta); dataset[i] = (latent float16 (C, h, w), label).
+    Nothing is copied: the pages come from disk when a batch first touches them, and the ranks share them."""
     meta_path = os.path.join(folder, "meta.json")
     if not os.path.isfile(meta_path):
         raise SystemExit(f"error: --latents {folder}: no meta.json; run --extract first")
@@ -237,11 +253,12 @@ def load_latents(folder):
     shards = []
     for path in paths:
         try:
-            shards.append(torch.load(path))
+            shards.append(torch.load(path, mmap=True))
         except Exception as e:
             raise SystemExit(f"error: {path}: unreadable ({type(e).__name__}: {e}); if it is corrupt, "
                              f"delete it and run --extract again")
-    return torch.cat([s["latents"] for s in shards]), torch.cat([s["labels"] for s in shards]), meta
+    data = torch.utils.data.ConcatDataset([torch.utils.data.TensorDataset(s["latents"], s["labels"]) for s in shards])
+    return data, meta
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,9 +345,10 @@ class DiT(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: atomic (write, then rename), with everything an exact resume needs
 # ----------------------------------------------------------------------------------------------
-def save_checkpoint(path, model, ema, opt, step, logs, args, meta):
+def save_checkpoint(path, model, ema, target_ema, opt, step, logs, args, meta):
     device = next(model.parameters()).device
-    state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
+    state = {"model": model.state_dict(), "ema": ema.state_dict(), "target_ema": target_ema.state_dict(),
+             "opt": opt.state_dict(), "step": step,
              "logs": logs, "config": {k: v for k, v in vars(args).items()}, "meta": meta,
              "rng": {"cpu": torch.get_rng_state(),  # and the generator of the device we train on, if any
                      "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
@@ -353,6 +371,28 @@ def load_checkpoint(path, flag):
 
 
 ARCHITECTURE = ("depth", "hidden", "heads")
+# What describes this invocation, not the run: --resume never takes these from the checkpoint.
+THIS_INVOCATION = ("out", "resume", "device", "latents", "compile", "extract", "image_dir", "vae", "workers",
+                   "shard_size", "flip_copies", "sample", "classes", "per_class", "fid", "fid_ref", "ckpt", "nfe",
+                   "num_fid", "given", "lr_given")
+
+
+def resume_settings(args, config, path):
+    """--resume continues the checkpoint's run: every setting not given on this command line takes the
+    run's value (so `--resume --out DIR --latents DIR` needs nothing else). A different --method or
+    model is refused; any other flag given again (a longer --train-steps, a new --lr) wins, and is reported."""
+    changed = []
+    for key, saved in config.items():
+        if key in THIS_INVOCATION or not hasattr(args, key):
+            continue
+        if key not in args.given:
+            setattr(args, key, saved)
+        elif saved != getattr(args, key):
+            if key in ("method", "model", *ARCHITECTURE):
+                raise SystemExit(f"error: --resume {path}: trained with --{key} {saved}, not {getattr(args, key)}")
+            changed.append(f"--{key.replace('_', '-')} {getattr(args, key)} (the run's: {saved})")
+    if changed:
+        print(f"resume with {', '.join(changed)}")
 
 
 def build_model(config, meta):
@@ -365,26 +405,31 @@ def build_model(config, meta):
 # Train
 # ----------------------------------------------------------------------------------------------
 def train(args, rank, world, device):
-    latents, labels, meta = load_latents(args.latents)
-    meta.update(latent_channels=latents.shape[1], downsample=meta["resolution"] // latents.shape[-1])
+    data, meta = load_latents(args.latents)
+    latent = data[0][0]  # (C, h, w)
+    meta.update(latent_channels=latent.shape[0], downsample=meta["resolution"] // latent.shape[-1])
+    path = os.path.join(args.out, "checkpoint.pt")
+    state = load_checkpoint(path, "--resume") if args.resume else None
+    if state:
+        resume_settings(args, state["config"], path)
     torch.manual_seed(args.seed)  # the same initial weights on every rank and for every method
     model = build_model(vars(args), meta).to(device)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)  # eval: no dropout in the targets it builds
+    # Two EMA copies, in eval mode. The targets (RCGM's consistency target, the enhanced target) come
+    # from a short one, 0.99 as the authors': a 0.9999 one averages over the last 10,000 steps, far
+    # too stale. Samples and FID use the long one.
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    target_ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0)
     step, logs = 0, []
-    path = os.path.join(args.out, "checkpoint.pt")
-    if args.resume:
-        state = load_checkpoint(path, "--resume")
-        for key in ("method", *ARCHITECTURE):
-            if state["config"][key] != getattr(args, key):
-                raise SystemExit(f"error: --resume {path}: trained with --{key} {state['config'][key]}, "
-                                 f"not {getattr(args, key)}")
+    if state:
         try:
             model.load_state_dict(state["model"]), ema.load_state_dict(state["ema"])
+            # (checkpoints before 2026-11-28 had one EMA: the 0.99 one then starts from the model)
+            target_ema.load_state_dict(state.get("target_ema", state["model"]))
         except RuntimeError as e:  # (the flags checked above match, the shapes do not: other data?)
             raise SystemExit(f"error: --resume {path}: does not fit this model ({str(e).splitlines()[0]})")
         opt.load_state_dict(state["opt"])
-        if args.lr_given:  # a new --lr wins; without one, the optimizer state's saved lr goes on
+        if "lr" in args.given:  # a new --lr wins; without one, the optimizer state's saved lr goes on
             for group in opt.param_groups:
                 group["lr"] = args.lr
         step, logs = state["step"], state["logs"]
@@ -398,20 +443,20 @@ def train(args, rank, world, device):
             torch.mps.set_rng_state(state["rng"]["mps"])
     if world > 1:  # each rank draws its own batches; exact resume holds for single-process runs
         torch.manual_seed(args.seed + 1000 * rank + step)
-    latents, labels = latents.to(device), labels.to(device)
     net = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
     net = torch.compile(net) if args.compile else net
     per_rank = args.batch // world
     if rank == 0:
         print(f"{args.method}: DiT {args.depth}×{args.hidden}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-              f"parameters, {len(latents)} latents, world size {world}, global batch {per_rank * world}, "
+              f"parameters, {len(data)} latents, world size {world}, global batch {per_rank * world}, "
               f"device {device}, from step {step}")
     null = torch.full((per_rank,), model.null_class, device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
     bar = tqdm(range(step, args.train_steps), desc=args.method, disable=rank != 0, initial=step,
                total=args.train_steps)
-    interrupted = []  # Ctrl-C finishes the current step, then saves: never half an optimizer update
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    interrupted = []  # Ctrl-C (or a scheduler's SIGTERM) finishes the current step, then saves
+    previous_handlers = {sig: signal.signal(sig, lambda *_: interrupted.append(True))
+                         for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         for step in bar:
             stop = torch.tensor(float(bool(interrupted)), device=device)
@@ -419,11 +464,15 @@ def train(args, rank, world, device):
                 dist.all_reduce(stop, op=dist.ReduceOp.MAX)
             if stop:  # between two steps: no half-applied update, and the RNG state of a step boundary
                 break
-            index = torch.randint(len(latents), (per_rank,), device=device)
-            x = latents[index].float()
-            y = torch.where(torch.rand(per_rank, device=device) < args.label_dropout, null, labels[index])
-            with autocast:  # common.py computes every loss and target in float32
-                loss, terms = training_loss(net, ema, x, method=args.method, cond={"y": y},
+            index = torch.randint(len(data), (per_rank,))  # the data stay on the CPU; only the batch moves
+            x, y = torch.utils.data.default_collate([data[i] for i in index.tolist()])
+            x, y = x.to(device).float(), y.to(device)
+            y = torch.where(torch.rand(per_rank, device=device) < args.label_dropout, null, y)
+            # Under autocast every network call runs in bf16, the target EMA's too; common.py does the
+            # arithmetic on their outputs in float32, but ρ = (t − tt)/Δt·(F − F*) scales their
+            # rounding by up to 100: one more reason for its clamp.
+            with autocast:
+                loss, terms = training_loss(net, target_ema, x, method=args.method, cond={"y": y},
                                             null_cond={"y": null}, kappa=args.kappa, order=args.order)
             bad = torch.tensor(float(not torch.isfinite(loss)), device=device)
             if world > 1:  # decide together, or the other ranks wait forever in backward()
@@ -439,33 +488,43 @@ def train(args, rank, world, device):
                                  f"try a lower --lr, then --resume")
             opt.step()
             update_ema(ema, model, args.ema, step)
+            update_ema(target_ema, model, args.target_ema, step)
             if step % args.log_every == 0:
                 logs.append({"step": step, **{k: v.item() for k, v in terms.items()}})
                 bar.set_postfix(loss=f"{logs[-1]['loss']:.3f}", refresh=False)
             if rank == 0 and (step + 1) % args.ckpt_every == 0:
-                save_checkpoint(path, model, ema, opt, step + 1, logs, args, meta)
+                save_checkpoint(path, model, ema, target_ema, opt, step + 1, logs, args, meta)
         else:
             step = max(step, args.train_steps)  # (a resumed run may already be past --train-steps)
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
-    if interrupted and step < args.train_steps:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+    stop = torch.tensor(float(bool(interrupted)), device=device)
+    if world > 1:  # (a signal in the very last step stops here too, before the evaluation)
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+    if stop:
         if rank == 0:  # `step` is the first step not taken: resume starts there
-            save_checkpoint(path, model, ema, opt, step, logs, args, meta)
+            save_checkpoint(path, model, ema, target_ema, opt, step, logs, args, meta)
             print(f"\ninterrupted: saved step {step} to {path}; continue with --resume")
         raise SystemExit(130)
     if rank == 0:
-        save_checkpoint(path, model, ema, opt, step, logs, args, meta)
-    return ema, logs, meta
+        save_checkpoint(path, model, ema, target_ema, opt, step, logs, args, meta)
+    return ema, logs, meta, step
 
 
 # ----------------------------------------------------------------------------------------------
 # Sample: latents from the transformer, pixels from the VAE
 # ----------------------------------------------------------------------------------------------
+def sampler_style(method, nfe, many_steps):
+    """common.sample's style: 'mul' (plain multi-step) for flow and at --many-steps, else 'any'."""
+    return "mul" if method == "flow" or nfe == many_steps else "any"  # as in the other scripts
+
+
 @torch.no_grad()
 def generate(model, vae, meta, method, labels, nfe, many_steps, generator, batch=64):
     """Images in [0, 1], (N, 3, H, W), class-conditional, in batches."""
     device = next(model.parameters()).device
-    style = "mul" if method == "flow" or nfe == many_steps else "any"  # as in the other scripts
+    style = sampler_style(method, nfe, many_steps)
     out = []
     for y in labels.split(batch):
         z = torch.randn(len(y), model.channels, model.size, model.size, generator=generator).to(device)
@@ -495,28 +554,65 @@ def fid_features():
     return 2048
 
 
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½), in float64. tr (Σ1 Σ2)^½ = tr (Σ1^½ Σ2 Σ1^½)^½, and that
+    matrix is symmetric, so both square roots come from eigh: real, and no scipy. (torchmetrics has
+    this only as a private helper.)"""
+    mu1, sigma1, mu2, sigma2 = (a.double().cpu() for a in (mu1, sigma1, mu2, sigma2))
+    w, v = torch.linalg.eigh(sigma1)
+    root1 = (v * w.clamp(min=0).sqrt()) @ v.T  # Σ1^½ (tiny negative eigenvalues are rounding)
+    trace_sqrt = torch.linalg.eigvalsh(root1 @ sigma2 @ root1).clamp(min=0).sqrt().sum()
+    return ((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * trace_sqrt).item()
+
+
 @torch.no_grad()
 def fid(model, vae, meta, method, args, rank, world, device, batch=64):
     """--num-fid samples from the EMA at --nfe, classes spread evenly over all classes, split across
-    ranks; the reference is every image of --fid-ref (ADM's npz: arr_0 (N, H, W, 3) uint8). Both go
-    to torchmetrics' FID as floats in [0, 1] (normalize=True), which sums the statistics over ranks."""
-    try:
-        reference = np.load(args.fid_ref)["arr_0"]
-        assert reference.ndim == 4 and reference.shape[-1] == 3 and reference.dtype == np.uint8
+    ranks, go to torchmetrics' FID as uint8 pixels (rounded, not truncated as its float path does),
+    which sums the statistics over ranks. The reference is --fid-ref, ADM's npz: its mu/sigma when it has them (ADM's evaluator uses
+    them, and the published numbers are against them), else every image of arr_0 (N, H, W, 3) uint8.
+    → (FID, the features, the reference used)"""
+    try:  # all of it checked before Inception's weights are fetched
+        npz = np.load(args.fid_ref)
+        precomputed = {"mu", "sigma"} <= set(npz.files)
+        if precomputed:
+            mu_ref, sigma_ref = torch.from_numpy(npz["mu"]), torch.from_numpy(npz["sigma"])
+        else:
+            images = npz["arr_0"]
+            assert images.ndim == 4 and images.shape[-1] == 3 and images.dtype == np.uint8, images.shape
     except Exception as e:
-        raise SystemExit(f"error: --fid-ref {args.fid_ref}: expected an .npz with arr_0 (N, H, W, 3) uint8 ({e})")
+        raise SystemExit(f"error: --fid-ref {args.fid_ref}: expected an .npz with mu and sigma, or with arr_0 "
+                         f"(N, H, W, 3) uint8 ({type(e).__name__}: {e})")
     feature = fid_features()
     metric_device = torch.device("cpu") if device.type == "mps" else device  # float64 statistics: not on MPS
-    metric = FrechetInceptionDistance(feature=feature, normalize=True).to(metric_device)
-    for x in torch.from_numpy(reference[rank::world]).split(batch):
-        metric.update(x.permute(0, 3, 1, 2).to(metric_device).float() / 255, real=True)
+    metric = FrechetInceptionDistance(feature=feature).to(metric_device)  # takes uint8 pixels
+    # ADM computed mu/sigma with TF's Inception graph (inception-2015-12-05). torchmetrics' default
+    # extractor is torch-fidelity's port of those weights, with TF-1 resizing; torch-fidelity documents
+    # values that match the reference implementations, so the two features are comparable (not bit-exact).
+    dim = metric.fake_features_sum.numel()
+    if precomputed:
+        if mu_ref.shape != (dim,) or sigma_ref.shape != (dim, dim):
+            raise SystemExit(f"error: --fid-ref {args.fid_ref}: mu {tuple(mu_ref.shape)} and sigma "
+                             f"{tuple(sigma_ref.shape)} do not fit {dim} features")
+        reference = "npz mu/sigma (precomputed statistics)"
+    else:
+        for x in torch.from_numpy(images[rank::world]).split(batch):
+            metric.update(x.permute(0, 3, 1, 2).to(metric_device), real=True)
+        reference = f"npz arr_0 images ({len(images)})"
     labels = torch.arange(rank, args.num_fid, world) % meta["num_classes"]  # this rank's share
     generator = torch.Generator().manual_seed(args.seed + 10_000 * rank)
     for y in tqdm(labels.split(batch), desc=f"FID {args.nfe} NFE", disable=rank != 0):
-        metric.update(generate(model, vae, meta, method, y, args.nfe, args.many_steps, generator, batch).to(metric_device),
-                      real=False)
-    value = metric.compute().item()
-    return value, f"Inception-v3 pool ({feature})" if feature == 2048 else type(feature).__name__
+        images = generate(model, vae, meta, method, y, args.nfe, args.many_steps, generator, batch)
+        metric.update((images * 255).round().clamp(0, 255).to(torch.uint8).to(metric_device), real=False)
+    if precomputed:  # the fake half of the metric's statistics, against mu/sigma
+        with metric.sync_context():  # summed over ranks, as compute() does
+            n = metric.fake_features_num_samples
+            mu = metric.fake_features_sum / n
+            sigma = (metric.fake_features_cov_sum - n * torch.outer(mu, mu)) / (n - 1)
+        value = frechet_distance(mu, sigma, mu_ref, sigma_ref)
+    else:
+        value = metric.compute().item()
+    return value, f"Inception-v3 pool ({feature})" if feature == 2048 else type(feature).__name__, reference
 
 
 # ----------------------------------------------------------------------------------------------
@@ -546,9 +642,10 @@ def main(argv=None):
                 write_grids(model, vae, meta, method, args)
                 print(f"wrote {args.out}/grid_nfe*.png")
             if args.fid:
-                value, features = fid(model, vae, meta, method, args, rank, world, device)
-                result = {"fid": value, "nfe": args.nfe, "num_samples": args.num_fid, "weights": "EMA",
-                          "reference": args.fid_ref, "features": features,
+                value, features, reference = fid(model, vae, meta, method, args, rank, world, device)
+                result = {"fid": value, "nfe": args.nfe, "style": sampler_style(method, args.nfe, args.many_steps),
+                          "num_samples": args.num_fid, "weights": "EMA", "reference": args.fid_ref,
+                          "reference_statistics": reference, "features": features,
                           "library": f"torchmetrics {torchmetrics.__version__}", "checkpoint": args.ckpt,
                           "step": state["step"], "method": method, "world_size": world}
                 if rank == 0:
@@ -560,10 +657,10 @@ def main(argv=None):
         if args.batch // world < 4:
             parser.error(f"--batch {args.batch} over {world} rank(s): each needs at least 4 (twinflow splits in 4)")
         start = time.time()
-        ema, logs, meta = train(args, rank, world, device)
+        ema, logs, meta, step = train(args, rank, world, device)
         if rank != 0:
             return None
-        result = {"method": args.method, "train_seconds": round(time.time() - start, 1), "steps": args.train_steps,
+        result = {"method": args.method, "train_seconds": round(time.time() - start, 1), "steps": step,
                   "world_size": world, "global_batch": args.batch // world * world, "device": str(device),
                   "parameters": sum(p.numel() for p in ema.parameters()), "latents": meta, "config": vars(args)}
         with open(os.path.join(args.out, "train.json"), "w") as f:

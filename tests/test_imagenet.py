@@ -7,6 +7,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # before diffusers is imported: hub look-ups fail fast
 
 import json  # noqa: E402
+import re  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
@@ -61,7 +62,8 @@ def latents(assets):
 def test_extraction_writes_shards_with_labels_and_resumes(assets, latents):
     meta = json.loads((latents / "meta.json").read_text())
     assert meta["images"] == 6 and meta["shards"] == 2 and meta["num_classes"] == 2 and meta["flip_copies"]
-    x, y, _ = imagenet_twinflow.load_latents(str(latents))
+    data, _ = imagenet_twinflow.load_latents(str(latents))
+    x, y = torch.utils.data.default_collate(list(data))
     assert x.shape == (12, 4, 8, 8) and x.dtype == torch.float16  # 6 images + 6 mirrored, 16 px / 2
     assert sorted(y.tolist()) == [0] * 6 + [1] * 6
     before = {p: os.path.getmtime(latents / p) for p in ("shard_00000.pt", "shard_00001.pt")}
@@ -71,7 +73,7 @@ def test_extraction_writes_shards_with_labels_and_resumes(assets, latents):
                                  "--shard-size", "4"))
     assert os.path.getmtime(latents / "shard_00000.pt") == before["shard_00000.pt"]  # not redone
     assert torch.equal(torch.load(latents / "shard_00001.pt")["latents"], second["latents"])  # seeded draws
-    assert imagenet_twinflow.load_latents(str(latents))[0].shape == (12, 4, 8, 8)
+    assert len(imagenet_twinflow.load_latents(str(latents))[0]) == 12
     with pytest.raises(SystemExit, match="holds shards made with"):  # other settings must not mix in
         imagenet_twinflow.main(flags(assets, "--extract", "--image-dir", str(assets / "images"), "--shard-size", "3"))
 
@@ -98,12 +100,16 @@ def test_corrupt_latents_are_one_line_errors(latents, tmp_path):
         imagenet_twinflow.load_latents(str(copy))
 
 
-def test_bad_flags_are_refused(assets):
-    for extra in (["--fid", "--ckpt", "x.pt"], ["--hidden", "30", "--heads", "4"], ["--sample"], ["--extract"],
-                  ["--classes", "1,x"], ["--order", "0"]):
+def test_bad_flags_are_refused(assets, capsys):
+    for extra, message in ((["--fid", "--ckpt", "x.pt"], "--fid needs --fid-ref"),
+                           (["--hidden", "30", "--heads", "4"], "--hidden 30"), (["--sample"], "need --ckpt"),
+                           (["--extract"], "--extract needs --image-dir"), (["--classes", "1,x"], "--classes"),
+                           (["--order", "0"], "--order must be at least 1"),
+                           (["--resolution", "24"], "--resolution 24: must be a multiple of 16"),  # 3×3 latents
+                           (["--fid", "--ckpt", "x.pt", "--fid-ref", "r.npz", "--num-fid", "1"], "--num-fid 1")):
         with pytest.raises(SystemExit) as e:
             imagenet_twinflow.main(flags(assets) + extra)
-        assert e.value.code == 2, extra
+        assert e.value.code == 2 and message in capsys.readouterr().err, extra
 
 
 def test_the_tt_embedder_starts_as_the_t_embedder_and_the_sign_reaches_the_model():
@@ -129,17 +135,22 @@ class TinyFeatures(nn.Module):
         self.net = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, 8))
 
     def forward(self, x):
+        assert x.dtype == torch.uint8  # FID's protocol: 8-bit pixels, as Inception gets them
         return self.net(x.float())
 
 
 def test_train_resume_sample_and_fid(assets, latents, tmp_path, monkeypatch):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    imagenet_twinflow.main(flags(assets, "--out", str(straight), "--log-every", "1"))
-    imagenet_twinflow.main(flags(assets, "--out", str(resumed), "--log-every", "1", "--train-steps", "2"))
+    imagenet_twinflow.main(flags(assets, "--out", str(straight), "--log-every", "1", "--label-dropout", "0.5"))
+    imagenet_twinflow.main(flags(assets, "--out", str(resumed), "--log-every", "1", "--train-steps", "2",
+                                 "--label-dropout", "0.5"))
+    # not given again, --label-dropout 0.5 comes from the checkpoint (the default 0.1 would change the losses)
     record = imagenet_twinflow.main(flags(assets, "--out", str(resumed), "--log-every", "1", "--resume"))
-    logs = [torch.load(d / "checkpoint.pt", weights_only=False)["logs"] for d in (straight, resumed)]
+    states = [torch.load(d / "checkpoint.pt", weights_only=False) for d in (straight, resumed)]
+    logs = [state["logs"] for state in states]
     assert [row["step"] for row in logs[1]] == [0, 1, 2, 3] and logs[0] == logs[1]
-    assert record["global_batch"] == 8 and record["latents"]["downsample"] == 2
+    assert record["global_batch"] == 8 and record["latents"]["downsample"] == 2 and record["steps"] == 4
+    assert all(torch.equal(states[0]["target_ema"][k], v) for k, v in states[1]["target_ema"].items())
 
     ckpt = str(resumed / "checkpoint.pt")
     imagenet_twinflow.main(flags(assets, "--out", str(tmp_path / "s"), "--sample", "--ckpt", ckpt,
@@ -152,7 +163,52 @@ def test_train_resume_sample_and_fid(assets, latents, tmp_path, monkeypatch):
     result = imagenet_twinflow.main(flags(assets, "--out", str(tmp_path / "f"), "--fid", "--ckpt", ckpt,
                                           "--fid-ref", str(tmp_path / "ref.npz"), "--num-fid", "12", "--nfe", "2"))
     assert np.isfinite(result["fid"]) and result["num_samples"] == 12
+    assert result["reference_statistics"] == "npz arr_0 images (20)" and result["style"] == "any"
     assert json.loads((tmp_path / "f" / "fid.json").read_text()) == result
+
+
+class RecordingFeatures(TinyFeatures):
+    """TinyFeatures that keeps every feature row it hands to the metric."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    def forward(self, x):
+        out = super().forward(x)
+        self.rows.append(out.detach().double())
+        return out
+
+
+def test_fid_uses_the_npz_statistics_when_it_has_them(assets, latents, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    imagenet_twinflow.main(flags(assets, "--out", str(out), "--train-steps", "2"))
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(8, 8))
+    mu_ref, sigma_ref = rng.normal(size=8), a @ a.T / 8 + 0.1 * np.eye(8)
+    np.savez(tmp_path / "ref.npz", mu=mu_ref, sigma=sigma_ref,  # and images, as ADM's npz has: not to be used
+             arr_0=rng.integers(0, 255, (20, 16, 16, 3), dtype=np.uint8))
+    extractor = RecordingFeatures()
+    monkeypatch.setattr(imagenet_twinflow, "fid_features", lambda: extractor)
+    result = imagenet_twinflow.main(flags(assets, "--out", str(tmp_path / "f"), "--fid", "--ckpt",
+                                          str(out / "checkpoint.pt"), "--fid-ref", str(tmp_path / "ref.npz"),
+                                          "--num-fid", "12", "--nfe", "2", "--many-steps", "2"))
+    fake = torch.cat(extractor.rows).numpy()
+    assert fake.shape == (12, 8)  # the samples only: arr_0 never went through the extractor
+    mu, sigma = fake.mean(0), np.cov(fake, rowvar=False)
+    # tr (Σ1 Σ2)^½ = Σ √λ(Σ1 Σ2), torchmetrics' way; the script goes through eigh instead
+    trace_sqrt = np.sqrt(np.linalg.eigvals(sigma @ sigma_ref).astype(complex)).real.sum()
+    expected = ((mu - mu_ref) ** 2).sum() + np.trace(sigma) + np.trace(sigma_ref) - 2 * trace_sqrt
+    assert result["fid"] == pytest.approx(expected, rel=1e-6)
+    assert result["reference_statistics"] == "npz mu/sigma (precomputed statistics)" and result["style"] == "mul"
+    np.savez(tmp_path / "wrong.npz", mu=mu_ref[:7], sigma=sigma_ref[:7, :7])  # statistics of other features
+    np.savez(tmp_path / "none.npz", mu=mu_ref)  # neither mu and sigma nor arr_0
+    for name, message in (("wrong", r"mu \(7,\) and sigma \(7, 7\) do not fit 8 features"),
+                          ("none", "expected an .npz with mu and sigma, or with arr_0")):
+        with pytest.raises(SystemExit, match=message) as e:
+            imagenet_twinflow.main(flags(assets, "--out", str(tmp_path / "w"), "--fid", "--ckpt",
+                                         str(out / "checkpoint.pt"), "--fid-ref", str(tmp_path / f"{name}.npz")))
+        assert "\n" not in str(e.value)
 
 
 def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(assets, latents, tmp_path, monkeypatch):
@@ -189,15 +245,24 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_process_ddp_extract_and_train(assets, tmp_path):
+def test_two_process_ddp_extract_resume_and_train(assets, tmp_path):
     out, lat = tmp_path / "ddp", tmp_path / "latents"
+    extract = ["--extract", "--image-dir", str(assets / "images"), "--shard-size", "2"]
+    imagenet_twinflow.main(flags(assets, "--latents", str(lat), *extract))  # one process, 3 shards
+    single = {k: torch.load(lat / f"shard_0000{k}.pt")["latents"] for k in (0, 2)}
+    for k in (0, 2):  # both were rank 0's under `k % world`; the other rank would idle at the barrier
+        os.remove(lat / f"shard_0000{k}.pt")
     base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    for extra in (["--extract", "--image-dir", str(assets / "images"), "--shard-size", "2"], ["--out", str(out)]):
+    for extra in (extract, ["--out", str(out)]):
         command = [*base, "--master_port", str(free_port()), os.path.join(ROOT, "imagenet_twinflow.py"),
                    *flags(assets, "--latents", str(lat), "--train-steps", "2"), *extra]
         run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
         assert run.returncode == 0, run.stderr[-2000:]
-    assert json.loads((lat / "meta.json").read_text())["shards"] == 3  # ranks 0 and 1 shared them
+        if extra is extract:  # the 2 missing shards were split over the 2 ranks: rank 0 did 1
+            assert re.search(r"rank 0 shards: 100%.*\b1/1\b", run.stderr), run.stderr[-2000:]
+    for k in (0, 2):  # the same posterior draws whichever rank, and world size, encodes a shard
+        assert torch.allclose(torch.load(lat / f"shard_0000{k}.pt")["latents"].float(), single[k].float(), atol=1e-2)
+    assert json.loads((lat / "meta.json").read_text())["shards"] == 3
     assert "world size 2, global batch 8" in run.stdout
     assert json.loads((out / "train.json").read_text())["world_size"] == 2
