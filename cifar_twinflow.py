@@ -108,12 +108,16 @@ def parse_args(argv=None):
         args.mult = [int(m) for m in str(args.mult).split(",")]
         args.attn_res = [int(r) for r in str(args.attn_res).split(",") if r.strip()]
         assert 1 <= len(args.mult) <= 4 and min(args.mult) > 0 and args.channels % 32 == 0
-        # attention splits C channels into C // 64 heads of equal width
-        assert all(args.channels * m < 128 or args.channels * m % 64 == 0 for m in args.mult)
+        # attention (at --attn-res and in the middle) splits C channels into max(1, C // 64) equal heads
+        widths = [args.channels * m for level, m in enumerate(args.mult) if 32 >> level in args.attn_res]
+        assert all(c % max(1, c // 64) == 0 for c in widths + [args.channels * args.mult[-1]])
     except (ValueError, AssertionError):
-        parser.error(f"--channels a multiple of 32, --mult 1 to 4 positive integers (each width, channels × "
-                     f"mult, below 128 or a multiple of 64: the attention heads), --attn-res integers; "
-                     f"got {args.channels}, {args.mult!r}, {args.attn_res!r}")
+        parser.error(f"--channels a multiple of 32, --mult 1 to 4 positive integers (where there is attention, "
+                     f"channels × mult must split into channels × mult // 64 equal heads), --attn-res "
+                     f"integers; got {args.channels}, {args.mult!r}, {args.attn_res!r}")
+    if args.resume:  # continue the run with its own settings, but for the flags given again (checked below)
+        path = os.path.join(args.out, "checkpoint.pt")
+        resume_settings(args, load_checkpoint(path, "--resume", mmap=True)["config"], path)
     if (args.sample or args.fid) and not args.ckpt:
         parser.error("--sample and --fid need --ckpt PATH")
     if args.kappa and not args.class_cond:
@@ -321,11 +325,11 @@ def save_checkpoint(path, model, ema, target_ema, opt, step, logs, args):
     os.replace(path + ".tmp", path)  # a crash mid-write leaves the previous checkpoint intact
 
 
-def load_checkpoint(path, flag):
+def load_checkpoint(path, flag, mmap=False):
     if not os.path.isfile(path):
         raise SystemExit(f"error: {flag} {path}: no such checkpoint")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
         missing = {"model", "ema", "opt", "step", "logs", "config", "rng"} - set(state)
     except Exception as e:
         raise SystemExit(f"error: {flag} {path}: not a readable checkpoint ({type(e).__name__}: {e})")
@@ -342,8 +346,8 @@ THIS_INVOCATION = ("out", "resume", "device", "data_root", "no_download", "compi
 
 def resume_settings(args, config, path):
     """--resume continues the checkpoint's run: every setting not given on this command line takes the
-    run's value (so `--resume --out DIR` needs nothing else). A different --method or architecture is
-    refused; any other flag given again (a longer --train-steps, a new --lr) wins, and is reported."""
+    run's value (so `--resume --out DIR` needs nothing else). A different --method, --preset or
+    architecture is refused; any other flag given again (a longer --train-steps, a new --lr) wins, and is reported."""
     changed = []
     for key, saved in config.items():
         if key in THIS_INVOCATION or not hasattr(args, key):
@@ -351,11 +355,11 @@ def resume_settings(args, config, path):
         if key not in args.given:
             setattr(args, key, saved)
         elif saved != getattr(args, key):
-            if key in ("method", *ARCHITECTURE):
+            if key in ("method", "preset", *ARCHITECTURE):
                 raise SystemExit(f"error: --resume {path}: trained with --{key.replace('_', '-')} {saved}, "
                                  f"not {getattr(args, key)}")
             changed.append(f"--{key.replace('_', '-')} {getattr(args, key)} (the run's: {saved})")
-    if changed:
+    if changed and int(os.environ.get("RANK", 0)) == 0:
         print(f"resume with {', '.join(changed)}")
 
 
@@ -369,9 +373,7 @@ def build_model(config):
 # ----------------------------------------------------------------------------------------------
 def train(args, rank, world, device):
     path = os.path.join(args.out, "checkpoint.pt")
-    state = load_checkpoint(path, "--resume") if args.resume else None
-    if state:
-        resume_settings(args, state["config"], path)
+    state = load_checkpoint(path, "--resume") if args.resume else None  # (its settings: parse_args)
     torch.manual_seed(args.seed)  # the same initial weights on every rank and for every method
     model = build_model(vars(args)).to(device)
     # Two EMA copies, both in eval mode (no dropout). The targets (RCGM's consistency target, the
@@ -380,7 +382,7 @@ def train(args, rank, world, device):
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     target_ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    step, logs = 0, []
+    step, logs, saved = 0, [], None  # saved: the step of the checkpoint on disk
     if state:
         try:
             model.load_state_dict(state["model"]), ema.load_state_dict(state["ema"])
@@ -393,6 +395,7 @@ def train(args, rank, world, device):
             for group in opt.param_groups:
                 group["lr"] = args.lr
         step, logs = state["step"], state["logs"]
+        saved = step
         torch.set_rng_state(state["rng"]["cpu"])
         cuda_rng = state["rng"]["cuda"]
         if isinstance(cuda_rng, list):  # (checkpoints before 2026-11-28 held every GPU's; rank 0 used GPU 0)
@@ -458,6 +461,7 @@ def train(args, rank, world, device):
                 bar.set_postfix(loss=f"{logs[-1]['loss']:.3f}", refresh=False)
             if rank == 0 and (step + 1) % args.ckpt_every == 0:
                 save_checkpoint(path, model, ema, target_ema, opt, step + 1, logs, args)
+                saved = step + 1
         else:
             step = max(step, args.train_steps)  # (a resumed run may already be past --train-steps)
     finally:
@@ -468,10 +472,11 @@ def train(args, rank, world, device):
         dist.all_reduce(stop, op=dist.ReduceOp.MAX)
     if stop:
         if rank == 0:  # `step` is the first step not taken: resume starts there
-            save_checkpoint(path, model, ema, target_ema, opt, step, logs, args)
+            if step != saved:
+                save_checkpoint(path, model, ema, target_ema, opt, step, logs, args)
             print(f"\ninterrupted: saved step {step} to {path}; continue with --resume")
         raise SystemExit(130)
-    if rank == 0:
+    if rank == 0 and step != saved:  # (not twice when the last step was a --ckpt-every one)
         save_checkpoint(path, model, ema, target_ema, opt, step, logs, args)
     return ema, logs, step
 

@@ -117,6 +117,9 @@ def parse_args(argv=None):
         assert min(args.classes) >= 0
     except (ValueError, AssertionError):
         parser.error(f"--classes: comma-separated class indices, like 207,360; got {classes!r}")
+    if args.resume:  # continue the run with its own settings, but for the flags given again (checked below)
+        path = os.path.join(args.out, "checkpoint.pt")
+        resume_settings(args, load_checkpoint(path, "--resume", mmap=True)["config"], path)
     if args.fid and not args.fid_ref:
         parser.error("--fid needs --fid-ref (e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")
     if args.fid and args.num_fid < 2:
@@ -357,11 +360,11 @@ def save_checkpoint(path, model, ema, target_ema, opt, step, logs, args, meta):
     os.replace(path + ".tmp", path)  # a crash mid-write leaves the previous checkpoint intact
 
 
-def load_checkpoint(path, flag):
+def load_checkpoint(path, flag, mmap=False):
     if not os.path.isfile(path):
         raise SystemExit(f"error: {flag} {path}: no such checkpoint")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
         missing = {"model", "ema", "opt", "step", "logs", "config", "rng", "meta"} - set(state)
     except Exception as e:
         raise SystemExit(f"error: {flag} {path}: not a readable checkpoint ({type(e).__name__}: {e})")
@@ -391,7 +394,7 @@ def resume_settings(args, config, path):
             if key in ("method", "model", *ARCHITECTURE):
                 raise SystemExit(f"error: --resume {path}: trained with --{key} {saved}, not {getattr(args, key)}")
             changed.append(f"--{key.replace('_', '-')} {getattr(args, key)} (the run's: {saved})")
-    if changed:
+    if changed and int(os.environ.get("RANK", 0)) == 0:
         print(f"resume with {', '.join(changed)}")
 
 
@@ -409,9 +412,7 @@ def train(args, rank, world, device):
     latent = data[0][0]  # (C, h, w)
     meta.update(latent_channels=latent.shape[0], downsample=meta["resolution"] // latent.shape[-1])
     path = os.path.join(args.out, "checkpoint.pt")
-    state = load_checkpoint(path, "--resume") if args.resume else None
-    if state:
-        resume_settings(args, state["config"], path)
+    state = load_checkpoint(path, "--resume") if args.resume else None  # (its settings: parse_args)
     torch.manual_seed(args.seed)  # the same initial weights on every rank and for every method
     model = build_model(vars(args), meta).to(device)
     # Two EMA copies, in eval mode. The targets (RCGM's consistency target, the enhanced target) come
@@ -420,7 +421,7 @@ def train(args, rank, world, device):
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     target_ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0)
-    step, logs = 0, []
+    step, logs, saved = 0, [], None  # saved: the step of the checkpoint on disk
     if state:
         try:
             model.load_state_dict(state["model"]), ema.load_state_dict(state["ema"])
@@ -433,6 +434,7 @@ def train(args, rank, world, device):
             for group in opt.param_groups:
                 group["lr"] = args.lr
         step, logs = state["step"], state["logs"]
+        saved = step
         torch.set_rng_state(state["rng"]["cpu"])
         cuda_rng = state["rng"]["cuda"]
         if isinstance(cuda_rng, list):  # (checkpoints before 2026-11-28 held every GPU's; rank 0 used GPU 0)
@@ -494,6 +496,7 @@ def train(args, rank, world, device):
                 bar.set_postfix(loss=f"{logs[-1]['loss']:.3f}", refresh=False)
             if rank == 0 and (step + 1) % args.ckpt_every == 0:
                 save_checkpoint(path, model, ema, target_ema, opt, step + 1, logs, args, meta)
+                saved = step + 1
         else:
             step = max(step, args.train_steps)  # (a resumed run may already be past --train-steps)
     finally:
@@ -504,10 +507,11 @@ def train(args, rank, world, device):
         dist.all_reduce(stop, op=dist.ReduceOp.MAX)
     if stop:
         if rank == 0:  # `step` is the first step not taken: resume starts there
-            save_checkpoint(path, model, ema, target_ema, opt, step, logs, args, meta)
+            if step != saved:
+                save_checkpoint(path, model, ema, target_ema, opt, step, logs, args, meta)
             print(f"\ninterrupted: saved step {step} to {path}; continue with --resume")
         raise SystemExit(130)
-    if rank == 0:
+    if rank == 0 and step != saved:  # (not twice when the last step was a --ckpt-every one)
         save_checkpoint(path, model, ema, target_ema, opt, step, logs, args, meta)
     return ema, logs, meta, step
 

@@ -102,6 +102,9 @@ def parse_args(argv=None):
         assert len(args.channels) == 3 and all(c > 0 and c % 8 == 0 for c in args.channels)
     except (ValueError, AssertionError):
         parser.error(f"--channels: three multiples of 8, like 32,64,64; got {args.channels!r}")
+    if args.resume:  # continue the run with its own settings, but for the flags given again (checked below)
+        path = os.path.join(args.out, "checkpoint.pt")
+        resume_settings(args, load_checkpoint(path, "--resume", mmap=True)["config"], path)
     if (args.sample or args.eval) and not args.ckpt:
         parser.error("--sample and --eval need --ckpt PATH")
     if args.num_eval < 2:
@@ -231,11 +234,11 @@ def save_checkpoint(path, model, ema, opt, step, logs, args):
     os.replace(path + ".tmp", path)  # a crash mid-write leaves the previous checkpoint intact
 
 
-def load_checkpoint(path, flag):
+def load_checkpoint(path, flag, mmap=False):
     if not os.path.isfile(path):
         raise SystemExit(f"error: {flag} {path}: no such checkpoint")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
         missing = {"model", "ema", "opt", "step", "logs", "config", "rng"} - set(state)
     except Exception as e:
         raise SystemExit(f"error: {flag} {path}: not a readable checkpoint ({type(e).__name__}: {e})")
@@ -251,8 +254,8 @@ THIS_INVOCATION = ("out", "resume", "device", "data_root", "no_download", "sampl
 
 def resume_settings(args, config, path):
     """--resume continues the checkpoint's run: every setting not given on this command line takes the
-    run's value (so `--resume --out DIR` needs nothing else). A different --method or --channels is
-    refused; any other flag given again (a longer --train-steps, a new --lr) wins, and is reported."""
+    run's value (so `--resume --out DIR` needs nothing else). A different --method, --preset or
+    --channels is refused; any other flag given again (a longer --train-steps, a new --lr) wins, and is reported."""
     changed = []
     for key, saved in config.items():
         if key in THIS_INVOCATION or not hasattr(args, key):
@@ -260,10 +263,10 @@ def resume_settings(args, config, path):
         if key not in args.given:
             setattr(args, key, saved)
         elif saved != getattr(args, key):
-            if key in ("method", "channels"):
+            if key in ("method", "preset", "channels"):
                 raise SystemExit(f"error: --resume {path}: trained with --{key} {saved}, not {getattr(args, key)}")
             changed.append(f"--{key.replace('_', '-')} {getattr(args, key)} (the run's: {saved})")
-    if changed:
+    if changed and int(os.environ.get("RANK", 0)) == 0:
         print(f"resume with {', '.join(changed)}")
 
 
@@ -276,14 +279,12 @@ def build_model(config):
 # ----------------------------------------------------------------------------------------------
 def train(args, rank, world, device):
     path = os.path.join(args.out, "checkpoint.pt")
-    state = load_checkpoint(path, "--resume") if args.resume else None
-    if state:
-        resume_settings(args, state["config"], path)
+    state = load_checkpoint(path, "--resume") if args.resume else None  # (its settings: parse_args)
     torch.manual_seed(args.seed)  # the same initial weights on every rank and for every method
     model = build_model(vars(args)).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)  # eval: no dropout in the targets it builds
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    step, logs = 0, []
+    step, logs, saved = 0, [], None  # saved: the step of the checkpoint on disk
     if state:
         try:
             model.load_state_dict(state["model"]), ema.load_state_dict(state["ema"])
@@ -294,6 +295,7 @@ def train(args, rank, world, device):
             for group in opt.param_groups:
                 group["lr"] = args.lr
         step, logs = state["step"], state["logs"]
+        saved = step
         torch.set_rng_state(state["rng"]["cpu"])
         cuda_rng = state["rng"]["cuda"]
         if isinstance(cuda_rng, list):  # (checkpoints before 2026-11-28 held every GPU's; rank 0 used GPU 0)
@@ -348,6 +350,7 @@ def train(args, rank, world, device):
                 bar.set_postfix(loss=f"{logs[-1]['loss']:.3f}", refresh=False)
             if rank == 0 and (step + 1) % args.ckpt_every == 0:
                 save_checkpoint(path, model, ema, opt, step + 1, logs, args)
+                saved = step + 1
         else:
             step = max(step, args.train_steps)  # (a resumed run may already be past --train-steps)
     finally:
@@ -358,10 +361,11 @@ def train(args, rank, world, device):
         dist.all_reduce(stop, op=dist.ReduceOp.MAX)
     if stop:
         if rank == 0:  # `step` is the first step not taken: resume starts there
-            save_checkpoint(path, model, ema, opt, step, logs, args)
+            if step != saved:
+                save_checkpoint(path, model, ema, opt, step, logs, args)
             print(f"\ninterrupted: saved step {step} to {path}; continue with --resume")
         raise SystemExit(130)
-    if rank == 0:
+    if rank == 0 and step != saved:  # (not twice when the last step was a --ckpt-every one)
         save_checkpoint(path, model, ema, opt, step, logs, args)
     return ema, logs, step
 

@@ -110,6 +110,11 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     unset = argparse.Namespace(**{key: None for key in vars(args)})  # (--resume: what was given again)
     args.given = sorted(key for key, value in vars(parser.parse_known_args(argv, unset)[0]).items() if value is not None)
+    if args.resume:  # continue the run with its own settings, but for the flags given again (checked below)
+        found = checkpoint_dirs(args.out)
+        if not found:
+            raise SystemExit(f"error: --resume: no checkpoint in {args.out}/checkpoints")
+        resume_settings(args, read_train_state(found[-1])["config"], found[-1])
     if args.resolution % 16:
         parser.error(f"--resolution {args.resolution}: must be a multiple of 16 (VAE 8× and 2×2 patches)")
     if args.precompute and not (args.data and args.cache):
@@ -668,8 +673,9 @@ THIS_INVOCATION = ("out", "resume", "device", "cache", "plan", "gpu_memory", "pr
 
 def resume_settings(args, config, path):
     """--resume continues the checkpoint's run: every setting not given on this command line takes the
-    run's value. A different --model, --method or --ema (whether the checkpoint holds an EMA) is
-    refused; any other flag given again (a longer --train-steps, a new --lr) wins, and is reported."""
+    run's value. A different --method or --ema (whether the checkpoint holds an EMA) is refused; any
+    other flag given again (a longer --train-steps, a new --lr, --model at another path) wins, and is
+    reported."""
     changed = []
     for key, saved in config.items():
         if key in THIS_INVOCATION or not hasattr(args, key):
@@ -677,7 +683,7 @@ def resume_settings(args, config, path):
         if key not in args.given:
             setattr(args, key, saved)
         elif saved != getattr(args, key):
-            if key in ("model", "method", "ema"):
+            if key in ("method", "ema"):
                 raise SystemExit(f"error: --resume {path}: trained with --{key} {saved}, not {getattr(args, key)}")
             changed.append(f"--{key.replace('_', '-')} {getattr(args, key)} (the run's: {saved})")
     if changed and int(os.environ.get("RANK", 0)) == 0:
@@ -721,11 +727,6 @@ def load_checkpoint(path, model, ema, opt, rank, world, method):
 # Train
 # ----------------------------------------------------------------------------------------------
 def train(args, rank, world, device):
-    if args.resume:
-        found = checkpoint_dirs(args.out)
-        if not found:
-            raise SystemExit(f"error: --resume: no checkpoint in {args.out}/checkpoints")
-        resume_settings(args, read_train_state(found[-1])["config"], found[-1])
     cache = Cache(args.cache)
     per_rank = args.batch // world
     model = build(args, world, device)
@@ -733,7 +734,8 @@ def train(args, rank, world, device):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0)
     step, logs, last_saved = 0, [], None  # last_saved: (step, path) of the newest checkpoint on disk
     torch.manual_seed(args.seed + 1000 * rank)  # each rank draws its own batches and noise
-    if args.resume:
+    if args.resume:  # (its settings: parse_args)
+        found = checkpoint_dirs(args.out)
         step, logs = load_checkpoint(found[-1], model, ema, opt, rank, world, args.method)
         if "lr" in args.given:  # a new --lr wins; without one, the optimizer state's saved lr goes on
             for group in opt.param_groups:

@@ -153,16 +153,18 @@ def check_rectify_loss(rectify_loss, clamp=1.0):
         expect(not close(loss, delta_v.pow(2).mean(1), 1e-4), f"clamp: Δv must be clamped to [−{clamp}, {clamp}]")
         raise AssertionError("the value differs from ‖Δv‖² (mean over dims): with F_one_step − sg(F_one_step − Δv) "
                              "the loss equals the mean of Δv² — are both calls made at the same point x_τ'?")
-    fake, real = [c for c in model.calls if (c["t"] < 0).all()], [c for c in model.calls if (c["t"] > 0).all()]
-    expect(fake and real and all(close(c["tt"], c["t"]) for c in fake + real),
-           "target time: call the model with tt = t (±τ'): Δv compares instantaneous velocities")
-    fake, real = fake[-1], real[-1]
-    expect(close(fake["x_t"], real["x_t"]) and close(fake["t"], -real["t"]),
-           "both calls must see the same point x_τ' and the same τ', with opposite signs of time")
-    tau = common.expand(real["t"], x_fake)
-    expect(bool((tau > 0).all() and (tau <= 1).all()) and real["t"].std() > 0.15,
+    # Every row the model saw, whether in two calls or in one batched call: fake rows (t < 0), real rows
+    rows = {key: torch.cat([c[key] for c in model.calls]) for key in ("x_t", "t", "tt")}
+    expect(close(rows["tt"], rows["t"]), "target time: call the model with tt = t (±τ'): Δv compares "
+                                         "instantaneous velocities")
+    fake, real = rows["t"] < 0, rows["t"] > 0
+    expect(fake.sum() == real.sum() == B and close(rows["x_t"][fake], rows["x_t"][real])
+           and close(rows["t"][fake], -rows["t"][real]),
+           "both branches must see the same point x_τ' and the same τ', with opposite signs of time")
+    tau = common.expand(rows["t"][real], x_fake)
+    expect(bool((tau > 0).all() and (tau <= 1).all()) and rows["t"][real].std() > 0.15,
            "noise level: draw τ' ~ U(0, 1) afresh for every sample, not one fixed τ'")
-    z_new = (real["x_t"] - (1 - tau) * x_fake) / tau
+    z_new = (rows["x_t"][real] - (1 - tau) * x_fake) / tau
     expect(abs(z_new.mean()) < 0.25 and abs(z_new.std() - 1) < 0.25,
            "x_τ' is not τ'·z' + (1 − τ')·x_fake with Gaussian z': noise the one-step samples first")
     loss.sum().backward()

@@ -61,7 +61,7 @@ def test_missing_data_is_a_one_line_error(tmp_path):
 
 def test_bad_flags_are_refused(data_root, tmp_path):
     for flags in (["--kappa", "0.5"], ["--channels", "20"], ["--mult", "1,x"], ["--fid"], ["--batch", "2"],
-                  ["--channels", "224"], ["--mult", "1,7"], ["--num-fid", "1"], ["--target-ema", "1"]):
+                  ["--channels", "224", "--attn-res", "32"], ["--mult", "1,7"], ["--num-fid", "1"], ["--target-ema", "1"]):
         with pytest.raises(SystemExit) as e:
             cifar_twinflow.main(tiny(data_root, tmp_path / "o") + flags)
         assert e.value.code == 2, flags

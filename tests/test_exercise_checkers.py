@@ -45,6 +45,10 @@ def test_every_checker_passes_on_the_reference(name):
     check(reference)
 
 
+def test_the_rectify_checker_accepts_both_branches_in_one_call():
+    checks.check_rectify_loss(batched_rectify)
+
+
 # ----------------------------------------------------------------------------------------------
 # Planted wrong answers, each with the diagnosis the learner should read
 # ----------------------------------------------------------------------------------------------
@@ -104,6 +108,17 @@ def fixed_tau_adversarial(model, z, x_fake, **cond):
 def no_grad_adversarial(model, z, x_fake, **cond):
     with torch.no_grad():
         return reference_adversarial(model, z, x_fake, **cond)
+
+
+def batched_rectify(model, F_one_step, x_fake, cond, clamp=1.0):
+    """A right answer in another form: both branches in ONE call, on [x_τ', x_τ'] at [−τ', τ']."""
+    with torch.no_grad():
+        z, tau = torch.randn_like(x_fake), torch.rand(x_fake.shape[0])
+        x_tau = interpolate(x_fake, z, tau)
+        times = torch.cat([-tau, tau])
+        fake, real = model(torch.cat([x_tau, x_tau]), times, times, **cond).chunk(2)
+        delta_v = (fake - real).clamp(-clamp, clamp)
+    return per_sample_mse(F_one_step, (F_one_step - delta_v).detach())
 
 
 def rectify_with(flip=False, detach_target=True, clamp_it=True, same_sign=False, noised=True, tt_zero=False,
