@@ -238,6 +238,27 @@ def test_latent_normalisation_and_packing_invert_exactly(assets):
     assert torch.allclose(ours, ((plain + 1) / 2).clamp(0, 1), atol=1e-5)
 
 
+def test_decoding_matches_the_pipelines_own(assets):
+    """decode_latents against QwenImagePipeline's decoding of the same packed latents: a transformer
+    whose output is zero leaves the latents as they are through the pipeline's Euler steps, so what
+    it returns is its own unpacking, de-normalisation and VAE decode (a normalisation wrong the same
+    way on both sides would pass the round trip above, not this)."""
+    from diffusers import QwenImagePipeline
+
+    transformer = sq.load_transformer(str(assets / "model"), torch.float32)
+    torch.nn.init.zeros_(transformer.proj_out.weight), torch.nn.init.zeros_(transformer.proj_out.bias)
+    pipe = QwenImagePipeline.from_pretrained(assets / "model", transformer=transformer, text_encoder=None,
+                                             tokenizer=None)
+    torch.manual_seed(4)
+    latents = torch.randn(1, 4, 64)  # 32 px: (32/8/2)² = 4 packed 2×2 patches of 16 channels
+    with torch.no_grad():
+        theirs = pipe(prompt_embeds=torch.randn(1, 3, TEXT_DIM), prompt_embeds_mask=torch.ones(1, 3, dtype=torch.long),
+                      latents=latents, height=32, width=32, num_inference_steps=2, output_type="pt").images
+        ours = sq.decode_latents(pipe.vae, latents, 32)
+    assert theirs.shape == ours.shape == (1, 3, 32, 32)
+    assert torch.allclose(ours, theirs.float(), atol=1e-5)
+
+
 def test_caption_dropout_puts_the_empty_prompt_in_those_rows(cache):
     data = sq.Cache(str(cache))
     x, text, mask = data.batch(torch.tensor([0, 1, 2]), torch.tensor([False, True, False]), torch.device("cpu"))
