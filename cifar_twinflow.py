@@ -7,16 +7,16 @@ by default (the literature's setting), and FID with Inception features instead o
 
     python cifar_twinflow.py --preset cpu --data-root data                  # a smoke run, minutes on a CPU
     torchrun --nproc_per_node 8 cifar_twinflow.py --preset gpu --compile    # the real run; --batch is global
-    python cifar_twinflow.py --resume --out out/cifar_twinflow               # continue exactly (Ctrl-C saves)
+    python cifar_twinflow.py --resume --out out/cifar_twinflow               # continue exactly (Ctrl-C/SIGTERM saves)
     python cifar_twinflow.py --sample --ckpt out/cifar_twinflow/checkpoint.pt
     torchrun --nproc_per_node 8 cifar_twinflow.py --fid --ckpt out/cifar_twinflow/checkpoint.pt --nfe 1
 
 A training run writes to --out: checkpoint.pt (model, both EMAs, optimizer, step, RNG; replaced
 atomically every --ckpt-every steps), grids.png and grid_nfe*.png (8×8 at 1, 2, 4 NFE and many
-steps, from the EMA), losses.png and train.json (the global batch, time, config). --sample and
+steps, from the 0.9999 EMA), losses.png and train.json (the global batch, time, config). --sample and
 --fid write to eval/ beside --ckpt unless --out is given.
 
-FID protocol (--fid): --num-fid samples (default 50,000) from the EMA weights at --nfe, against the
+FID protocol (--fid): --num-fid samples (default 50,000) from the 0.9999 EMA (--ema) at --nfe, against the
 50,000 CIFAR-10 training images, with torchmetrics' FrechetInceptionDistance (2048-d pool features
 of the FID Inception-v3 weights, which torchmetrics fetches through torch-fidelity on first use).
 Samples are rounded to 8-bit pixels ((x + 1)·127.5, rounded, as the training images are stored)
@@ -100,24 +100,26 @@ def parse_args(argv=None):
     preset = parser.parse_known_args(argv)[0].preset
     args = parser.parse_args(argv, argparse.Namespace(**PRESETS[preset]))
     unset = argparse.Namespace(**{key: None for key in vars(args)})  # (--resume: what was given again)
-    args.given = sorted(key for key, value in vars(parser.parse_known_args(argv, unset)[0]).items() if value is not None)
+    given_again = vars(parser.parse_known_args(argv, unset)[0])
+    args.given = sorted(key for key, value in given_again.items() if value is not None)
     if (args.sample or args.fid) and args.ckpt and not args.out:  # into eval/ beside the checkpoint,
         args.out = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")  # not over its run's files
     args.out = args.out or f"out/cifar_{args.method}"
     try:
         args.mult = [int(m) for m in str(args.mult).split(",")]
         args.attn_res = [int(r) for r in str(args.attn_res).split(",") if r.strip()]
-        assert 1 <= len(args.mult) <= 4 and min(args.mult) > 0 and args.channels % 32 == 0
-        # attention (at --attn-res and in the middle) splits C channels into max(1, C // 64) equal heads
-        widths = [args.channels * m for level, m in enumerate(args.mult) if 32 >> level in args.attn_res]
-        assert all(c % max(1, c // 64) == 0 for c in widths + [args.channels * args.mult[-1]])
-    except (ValueError, AssertionError):
-        parser.error(f"--channels a multiple of 32, --mult 1 to 4 positive integers (where there is attention, "
-                     f"channels × mult must split into channels × mult // 64 equal heads), --attn-res "
-                     f"integers; got {args.channels}, {args.mult!r}, {args.attn_res!r}")
+    except ValueError:
+        parser.error(f"--mult and --attn-res: comma-separated integers; got {args.mult!r}, {args.attn_res!r}")
     if args.resume:  # continue the run with its own settings, but for the flags given again (checked below)
         path = os.path.join(args.out, "checkpoint.pt")
         resume_settings(args, load_checkpoint(path, "--resume", mmap=True)["config"], path)
+    # attention (at --attn-res and in the middle) splits C channels into max(1, C // 64) equal heads
+    widths = [args.channels * m for level, m in enumerate(args.mult) if 32 >> level in args.attn_res]
+    if not (1 <= len(args.mult) <= 4 and min(args.mult) > 0 and args.channels % 32 == 0
+            and all(c % max(1, c // 64) == 0 for c in widths + [args.channels * args.mult[-1]])):
+        parser.error(f"--channels a multiple of 32, --mult 1 to 4 positive integers (where there is attention, "
+                     f"channels × mult must split into channels × mult // 64 equal heads); "
+                     f"got {args.channels}, {args.mult!r}, {args.attn_res!r}")
     if (args.sample or args.fid) and not args.ckpt:
         parser.error("--sample and --fid need --ckpt PATH")
     if args.kappa and not args.class_cond:
@@ -584,7 +586,8 @@ def main(argv=None):
         result = None
         if args.fid:
             value, features = compute_fid(model, method, args, rank, world, device)
-            result = {"fid": value, "nfe": args.nfe, "num_samples": args.num_fid, "weights": "EMA",
+            result = {"fid": value, "nfe": args.nfe, "num_samples": args.num_fid,
+                      "weights": f"EMA {state['config']['ema']}",
                       "reference": "CIFAR-10 train split, 50,000 images", "features": features,
                       "library": f"torchmetrics {torchmetrics.__version__}", "checkpoint": args.ckpt,
                       "step": state["step"], "method": method, "world_size": world}

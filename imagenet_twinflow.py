@@ -99,14 +99,13 @@ parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
 def parse_args(argv=None):
     args = parser.parse_args(argv)
     unset = argparse.Namespace(**{key: None for key in vars(args)})  # (--resume: what was given again)
-    args.given = sorted(key for key, value in vars(parser.parse_known_args(argv, unset)[0]).items() if value is not None)
+    given_again = vars(parser.parse_known_args(argv, unset)[0])
+    args.given = sorted(key for key, value in given_again.items() if value is not None)
     if (args.sample or args.fid) and args.ckpt and not args.out:  # into eval/ beside the checkpoint,
         args.out = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")  # not over its run's files
     args.out = args.out or f"out/imagenet_{args.method}"
     depth, hidden, heads = MODELS[args.model]
     args.depth, args.hidden, args.heads = args.depth or depth, args.hidden or hidden, args.heads or heads
-    if args.hidden % 4 or args.hidden % args.heads or (args.hidden // args.heads) % 2:
-        parser.error(f"--hidden {args.hidden}: a multiple of 4 that splits into --heads {args.heads} heads of even size")
     if args.extract and not args.image_dir:
         parser.error("--extract needs --image-dir")
     if (args.sample or args.fid) and not args.ckpt:
@@ -120,6 +119,8 @@ def parse_args(argv=None):
     if args.resume:  # continue the run with its own settings, but for the flags given again (checked below)
         path = os.path.join(args.out, "checkpoint.pt")
         resume_settings(args, load_checkpoint(path, "--resume", mmap=True)["config"], path)
+    if args.hidden % 4 or args.hidden % args.heads or (args.hidden // args.heads) % 2:
+        parser.error(f"--hidden {args.hidden}: a multiple of 4 that splits into --heads {args.heads} heads of even size")
     if args.fid and not args.fid_ref:
         parser.error("--fid needs --fid-ref (e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")
     if args.fid and args.num_fid < 2:
@@ -571,7 +572,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 
 @torch.no_grad()
 def fid(model, vae, meta, method, args, rank, world, device, batch=64):
-    """--num-fid samples from the EMA at --nfe, classes spread evenly over all classes, split across
+    """--num-fid samples from the 0.9999 EMA (--ema) at --nfe, classes spread evenly over all classes, split across
     ranks, go to torchmetrics' FID as uint8 pixels (rounded, not truncated as its float path does),
     which sums the statistics over ranks. The reference is --fid-ref, ADM's npz: its mu/sigma when it has them (ADM's evaluator uses
     them, and the published numbers are against them), else every image of arr_0 (N, H, W, 3) uint8.
@@ -648,7 +649,8 @@ def main(argv=None):
             if args.fid:
                 value, features, reference = fid(model, vae, meta, method, args, rank, world, device)
                 result = {"fid": value, "nfe": args.nfe, "style": sampler_style(method, args.nfe, args.many_steps),
-                          "num_samples": args.num_fid, "weights": "EMA", "reference": args.fid_ref,
+                          "num_samples": args.num_fid, "weights": f"EMA {state['config']['ema']}",
+                          "reference": args.fid_ref,
                           "reference_statistics": reference, "features": features,
                           "library": f"torchmetrics {torchmetrics.__version__}", "checkpoint": args.ckpt,
                           "step": state["step"], "method": method, "world_size": world}

@@ -7,7 +7,7 @@ enhanced target (training-time guidance, κ), checkpoints, and an offline qualit
     python mnist_twinflow.py                                            # cpu preset: twinflow, 17 + 5 min on 2 cores
     python mnist_twinflow.py --method flow                              # the ablations: flow | rcgm | twinflow
     python mnist_twinflow.py --preset gpu                               # the public tutorial's scale
-    python mnist_twinflow.py --resume --out out/mnist_twinflow          # continue exactly where it stopped (Ctrl-C saves)
+    python mnist_twinflow.py --resume --out out/mnist_twinflow          # continue where it stopped (Ctrl-C or SIGTERM saves)
     python mnist_twinflow.py --sample --ckpt out/mnist_twinflow/checkpoint.pt --nfe 1 --num 1000
     python mnist_twinflow.py --eval --ckpt out/mnist_twinflow/checkpoint.pt
     torchrun --nproc_per_node 4 mnist_twinflow.py --preset gpu          # DDP; --batch is the global batch
@@ -93,7 +93,8 @@ def parse_args(argv=None):
     preset = parser.parse_known_args(argv)[0].preset
     args = parser.parse_args(argv, argparse.Namespace(**PRESETS[preset]))
     unset = argparse.Namespace(**{key: None for key in vars(args)})  # (--resume: what was given again)
-    args.given = sorted(key for key, value in vars(parser.parse_known_args(argv, unset)[0]).items() if value is not None)
+    given_again = vars(parser.parse_known_args(argv, unset)[0])
+    args.given = sorted(key for key, value in given_again.items() if value is not None)
     if (args.sample or args.eval) and args.ckpt and not args.out:  # into eval/ beside the checkpoint,
         args.out = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")  # not over its run's files
     args.out = args.out or f"out/mnist_{args.method}"

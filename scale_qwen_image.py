@@ -109,7 +109,8 @@ parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
 def parse_args(argv=None):
     args = parser.parse_args(argv)
     unset = argparse.Namespace(**{key: None for key in vars(args)})  # (--resume: what was given again)
-    args.given = sorted(key for key, value in vars(parser.parse_known_args(argv, unset)[0]).items() if value is not None)
+    given_again = vars(parser.parse_known_args(argv, unset)[0])
+    args.given = sorted(key for key, value in given_again.items() if value is not None)
     if args.resume:  # continue the run with its own settings, but for the flags given again (checked below)
         found = checkpoint_dirs(args.out)
         if not found:

@@ -9,8 +9,11 @@
 
 A step is everything a training loop does: loss (with its no-grad EMA/target passes), backward,
 optimizer step, EMA update. Time: the median of --steps timed steps after --warmup ones.
-Memory: the bytes of tensors autograd saves for backward (any device; the activations, which are
-what grows with the loss), and on CUDA also the true peak allocated memory of the step.
+Memory: the bytes of tensors autograd saves for backward, leaving out the weights (and their bf16
+copies under autocast), so the activations, which are what grows with the loss (any device); on
+CUDA also the peak allocated memory during the step, in all and above what was allocated before it
+(weights, EMA, Adam state). Each row is printed when it is done; one that runs out of memory prints
+OOM and the next one runs.
 Rows: each method with split=True (our default: the batch is cut into parts, one job per part) and
 TwinFlow with split=False (the tutorial's form: every term on the whole batch), without and with
 the enhanced target (kappa > 0: two more no-grad EMA passes).
@@ -123,9 +126,15 @@ def measure(args, device, method, split, kappa):
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     net = torch.compile(model) if args.compile else model
     saved = {}
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    weight_shapes = {tuple(p.shape) for p in model.parameters()} | {tuple(p.shape)[::-1] for p in model.parameters()}
 
-    def pack(tensor):  # count each storage autograd keeps for backward once
-        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    def pack(tensor):  # count each storage autograd keeps for backward once; not the weights themselves,
+        storage = tensor.untyped_storage()  # nor autocast's low-precision copies of them (same shape)
+        if storage.data_ptr() in weights or (args.bf16 and tensor.dtype != torch.float32
+                                             and tuple(tensor.shape) in weight_shapes):
+            return tensor
+        saved[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     def step(i, count_memory=False):
@@ -155,13 +164,16 @@ def measure(args, device, method, split, kappa):
         step(i)
         sync()
         times.append(time.perf_counter() - start)
-    if device.type == "cuda":
+    if device.type == "cuda":  # the peak of a step without the counting hooks
         torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+        before = torch.cuda.memory_allocated()
+        step(0)
+        peak = torch.cuda.max_memory_allocated()
     step(0, count_memory=True)
-    peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else None
-    return {"ms": 1000 * statistics.median(times), "saved_mb": sum(saved.values()) / 2**20,
-            "peak_mb": peak / 2**20 if peak is not None else None}
+    result = {"ms": 1000 * statistics.median(times), "saved_mb": sum(saved.values()) / 2**20}
+    if device.type == "cuda":
+        result.update(peak_mb=peak / 2**20, peak_step_mb=(peak - before) / 2**20)
+    return result
 
 
 def main(argv=None):
@@ -175,23 +187,28 @@ def main(argv=None):
             "qwen": f"{args.qwen_layers} blocks"}.get(args.model, f"width {args.width}")
     print(f"device {device}, model {args.model} ({size}), batch {args.batch}, "
           f"bf16 {args.bf16}, compile {args.compile}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
-    results = {}
-    for method, split, kappa in rows:
-        r = measure(args, device, method, split, kappa)
-        if r is not None:
-            results[(method, split, kappa)] = r
-    header = (f"{'method':<10} {'form':<9} {'kappa':>5} {'ms/step':>9} {'× flow':>7} {'images/s':>9} "
-              f"{'saved MB':>9} {'× flow':>7}")
     has_peak = device.type == "cuda"
-    print(header + (f" {'peak MB':>9} {'× flow':>7}" if has_peak else ""))
-    for (method, split, kappa), r in results.items():
-        ref = results[("flow", True, 0.0)]  # every ratio is against plain, unguided flow matching
-        line = (f"{method:<10} {'split' if split else 'whole':<9} {kappa:>5} {r['ms']:9.1f} "
-                f"{r['ms'] / ref['ms']:7.2f} {args.batch / r['ms'] * 1000:9.1f} {r['saved_mb']:9.1f} "
-                f"{r['saved_mb'] / ref['saved_mb']:7.2f}")
+    print(f"{'method':<10} {'form':<9} {'kappa':>5} {'ms/step':>9} {'× flow':>7} {'images/s':>9} "
+          f"{'saved MB':>9} {'× flow':>7}" + (f" {'peak MB':>9} {'of step':>9} {'× flow':>7}" if has_peak else ""))
+    results = {}
+    for method, split, kappa in rows:  # flow first: every ratio is against plain, unguided flow matching
+        label = f"{method:<10} {'split' if split else 'whole':<9} {kappa:>5}"
+        try:
+            r = measure(args, device, method, split, kappa)
+        except torch.OutOfMemoryError:  # report it and go on: the rows measured so far are printed
+            print(f"{label} OOM", flush=True)
+            r = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if r is None:
+            continue
+        results[(method, split, kappa)] = r
+        ref = results.get(("flow", True, 0.0), r)
+        line = (f"{label} {r['ms']:9.1f} {r['ms'] / ref['ms']:7.2f} {args.batch / r['ms'] * 1000:9.1f} "
+                f"{r['saved_mb']:9.1f} {r['saved_mb'] / ref['saved_mb']:7.2f}")
         if has_peak:
-            line += f" {r['peak_mb']:9.1f} {r['peak_mb'] / ref['peak_mb']:7.2f}"
-        print(line)
+            line += f" {r['peak_mb']:9.1f} {r['peak_step_mb']:9.1f} {r['peak_step_mb'] / ref['peak_step_mb']:7.2f}"
+        print(line, flush=True)
     return results
 
 

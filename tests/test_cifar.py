@@ -231,4 +231,4 @@ def test_fid_code_path_with_a_stand_in_feature_extractor(data_root, tmp_path, mo
                                       "--nfe", "2", "--num-fid", "24"))
     saved = json.loads((tmp_path / "fid" / "fid.json").read_text())
     assert saved == result and np.isfinite(saved["fid"]) and saved["fid"] > 0
-    assert saved["nfe"] == 2 and saved["num_samples"] == 24 and saved["weights"] == "EMA"
+    assert saved["nfe"] == 2 and saved["num_samples"] == 24 and saved["weights"] == "EMA 0.9999"
