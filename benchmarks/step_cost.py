@@ -10,10 +10,10 @@
 A step is everything a training loop does: loss (with its no-grad EMA/target passes), backward,
 optimizer step, EMA update. Time: the median of --steps timed steps after --warmup ones.
 Memory: the bytes of tensors autograd saves for backward, leaving out the weights (and their bf16
-copies under autocast), so the activations, which are what grows with the loss (any device); on
-CUDA also the peak allocated memory during the step, in all and above what was allocated before it
-(weights, EMA, Adam state). Each row is printed when it is done; one that runs out of memory prints
-OOM and the next one runs.
+copies under autocast), so the activations, which are what grows with the loss (any device; counted
+without torch.compile, whose fused graphs may save less); on CUDA also the peak allocated memory
+during the step, in all and above what was allocated before it (weights, EMA, Adam state). Each
+row is printed when it is done; one that runs out of memory prints OOM and the next one runs.
 Rows: each method with split=True (our default: the batch is cut into parts, one job per part) and
 TwinFlow with split=False (the tutorial's form: every term on the whole batch), without and with
 the enhanced target (kappa > 0: two more no-grad EMA passes).
@@ -139,9 +139,9 @@ def measure(args, device, method, split, kappa):
 
     def step(i, count_memory=False):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            if count_memory:
+            if count_memory:  # eagerly: saved-tensor hooks and torch.compile do not mix well
                 with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                    loss, _ = training_loss(net, ema, x, method, cond, null_cond, kappa, split=split)
+                    loss, _ = training_loss(model, ema, x, method, cond, null_cond, kappa, split=split)
             else:
                 loss, _ = training_loss(net, ema, x, method, cond, null_cond, kappa, split=split)
         opt.zero_grad(set_to_none=True)
