@@ -7,7 +7,7 @@ by default (the literature's setting), and FID with Inception features instead o
 
     python cifar_twinflow.py --preset cpu --data-root data                  # a smoke run, minutes on a CPU
     torchrun --nproc_per_node 8 cifar_twinflow.py --preset gpu --compile    # the real run; --batch is global
-    python cifar_twinflow.py --resume --out out/cifar_twinflow               # continue exactly (Ctrl-C/SIGTERM saves)
+    python cifar_twinflow.py --resume --out out/cifar_twinflow               # continue exactly (Ctrl-C or SIGTERM saves)
     python cifar_twinflow.py --sample --ckpt out/cifar_twinflow/checkpoint.pt
     torchrun --nproc_per_node 8 cifar_twinflow.py --fid --ckpt out/cifar_twinflow/checkpoint.pt --nfe 1
 
@@ -343,7 +343,7 @@ def load_checkpoint(path, flag, mmap=False):
 ARCHITECTURE = ("channels", "mult", "blocks", "attn_res", "class_cond")
 # What describes this invocation, not the run: --resume never takes these from the checkpoint.
 THIS_INVOCATION = ("out", "resume", "device", "data_root", "no_download", "compile", "sample", "fid", "ckpt",
-                   "nfe", "num_fid", "given", "lr_given")
+                   "nfe", "num_fid", "given")
 
 
 def resume_settings(args, config, path):
@@ -390,7 +390,7 @@ def train(args, rank, world, device):
             model.load_state_dict(state["model"]), ema.load_state_dict(state["ema"])
             # (checkpoints before 2026-11-28 had one EMA: the 0.99 one then starts from the model)
             target_ema.load_state_dict(state.get("target_ema", state["model"]))
-        except RuntimeError as e:  # (the flags checked above match, the shapes do not: other data?)
+        except RuntimeError as e:  # (the settings match, the shapes do not: other data?)
             raise SystemExit(f"error: --resume {path}: does not fit this model ({str(e).splitlines()[0]})")
         opt.load_state_dict(state["opt"])
         if "lr" in args.given:  # a new --lr wins; without one, the optimizer state's saved lr goes on

@@ -123,8 +123,8 @@ def parse_args(argv=None):
         parser.error(f"--hidden {args.hidden}: a multiple of 4 that splits into --heads {args.heads} heads of even size")
     if args.fid and not args.fid_ref:
         parser.error("--fid needs --fid-ref (e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")
-    if args.fid and args.num_fid < 2:
-        parser.error(f"--num-fid {args.num_fid}: a covariance needs at least 2 samples")
+    if args.num_fid < 2:
+        parser.error(f"--num-fid must be at least 2 (a Fréchet distance needs a covariance), got {args.num_fid}")
     for name in ("train_steps", "batch", "num_fid", "nfe", "many_steps", "ckpt_every", "log_every", "per_class",
                  "shard_size", "resolution", "order"):
         if getattr(args, name) < 1:
@@ -376,9 +376,9 @@ def load_checkpoint(path, flag, mmap=False):
 
 ARCHITECTURE = ("depth", "hidden", "heads")
 # What describes this invocation, not the run: --resume never takes these from the checkpoint.
-THIS_INVOCATION = ("out", "resume", "device", "latents", "compile", "extract", "image_dir", "vae", "workers",
-                   "shard_size", "flip_copies", "sample", "classes", "per_class", "fid", "fid_ref", "ckpt", "nfe",
-                   "num_fid", "given", "lr_given")
+THIS_INVOCATION = ("out", "resume", "device", "latents", "compile", "extract", "image_dir", "vae", "resolution",
+                   "workers", "shard_size", "flip_copies", "sample", "classes", "per_class", "fid", "fid_ref", "ckpt",
+                   "nfe", "num_fid", "given")
 
 
 def resume_settings(args, config, path):
@@ -393,7 +393,8 @@ def resume_settings(args, config, path):
             setattr(args, key, saved)
         elif saved != getattr(args, key):
             if key in ("method", "model", *ARCHITECTURE):
-                raise SystemExit(f"error: --resume {path}: trained with --{key} {saved}, not {getattr(args, key)}")
+                raise SystemExit(f"error: --resume {path}: trained with --{key.replace('_', '-')} {saved}, "
+                                 f"not {getattr(args, key)}")
             changed.append(f"--{key.replace('_', '-')} {getattr(args, key)} (the run's: {saved})")
     if changed and int(os.environ.get("RANK", 0)) == 0:
         print(f"resume with {', '.join(changed)}")
@@ -428,7 +429,7 @@ def train(args, rank, world, device):
             model.load_state_dict(state["model"]), ema.load_state_dict(state["ema"])
             # (checkpoints before 2026-11-28 had one EMA: the 0.99 one then starts from the model)
             target_ema.load_state_dict(state.get("target_ema", state["model"]))
-        except RuntimeError as e:  # (the flags checked above match, the shapes do not: other data?)
+        except RuntimeError as e:  # (the settings match, the shapes do not: other data?)
             raise SystemExit(f"error: --resume {path}: does not fit this model ({str(e).splitlines()[0]})")
         opt.load_state_dict(state["opt"])
         if "lr" in args.given:  # a new --lr wins; without one, the optimizer state's saved lr goes on

@@ -7,7 +7,7 @@ enhanced target (training-time guidance, κ), checkpoints, and an offline qualit
     python mnist_twinflow.py                                            # cpu preset: twinflow, 17 + 5 min on 2 cores
     python mnist_twinflow.py --method flow                              # the ablations: flow | rcgm | twinflow
     python mnist_twinflow.py --preset gpu                               # the public tutorial's scale
-    python mnist_twinflow.py --resume --out out/mnist_twinflow          # continue where it stopped (Ctrl-C or SIGTERM saves)
+    python mnist_twinflow.py --resume --out out/mnist_twinflow          # continue exactly (Ctrl-C or SIGTERM saves)
     python mnist_twinflow.py --sample --ckpt out/mnist_twinflow/checkpoint.pt --nfe 1 --num 1000
     python mnist_twinflow.py --eval --ckpt out/mnist_twinflow/checkpoint.pt
     torchrun --nproc_per_node 4 mnist_twinflow.py --preset gpu          # DDP; --batch is the global batch
@@ -248,9 +248,10 @@ def load_checkpoint(path, flag, mmap=False):
     return state
 
 
+ARCHITECTURE = ("channels",)
 # What describes this invocation, not the run: --resume never takes these from the checkpoint.
-THIS_INVOCATION = ("out", "resume", "device", "data_root", "no_download", "sample", "eval", "ckpt", "given",
-                   "lr_given")
+THIS_INVOCATION = ("out", "resume", "device", "data_root", "no_download", "classifier", "sample", "eval", "ckpt",
+                   "nfe", "num", "given")
 
 
 def resume_settings(args, config, path):
@@ -264,8 +265,9 @@ def resume_settings(args, config, path):
         if key not in args.given:
             setattr(args, key, saved)
         elif saved != getattr(args, key):
-            if key in ("method", "preset", "channels"):
-                raise SystemExit(f"error: --resume {path}: trained with --{key} {saved}, not {getattr(args, key)}")
+            if key in ("method", "preset", *ARCHITECTURE):
+                raise SystemExit(f"error: --resume {path}: trained with --{key.replace('_', '-')} {saved}, "
+                                 f"not {getattr(args, key)}")
             changed.append(f"--{key.replace('_', '-')} {getattr(args, key)} (the run's: {saved})")
     if changed and int(os.environ.get("RANK", 0)) == 0:
         print(f"resume with {', '.join(changed)}")
@@ -289,7 +291,7 @@ def train(args, rank, world, device):
     if state:
         try:
             model.load_state_dict(state["model"]), ema.load_state_dict(state["ema"])
-        except RuntimeError as e:  # (the flags checked above match, the shapes do not: other data?)
+        except RuntimeError as e:  # (the settings match, the shapes do not: other data?)
             raise SystemExit(f"error: --resume {path}: does not fit this model ({str(e).splitlines()[0]})")
         opt.load_state_dict(state["opt"])
         if "lr" in args.given:  # a new --lr wins; without one, the optimizer state's saved lr goes on

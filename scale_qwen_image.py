@@ -668,8 +668,7 @@ def read_train_state(path):
 
 # What describes this invocation, not the run: --resume never takes these from the checkpoint.
 THIS_INVOCATION = ("out", "resume", "device", "cache", "plan", "gpu_memory", "precompute", "data", "shard_size",
-                   "encode_batch", "export", "sample", "ckpt", "prompts", "nfe", "pipeline_steps", "given",
-                   "lr_given")
+                   "encode_batch", "export", "sample", "ckpt", "prompts", "nfe", "pipeline_steps", "given")
 
 
 def resume_settings(args, config, path):

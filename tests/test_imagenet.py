@@ -106,7 +106,7 @@ def test_bad_flags_are_refused(assets, capsys):
                            (["--extract"], "--extract needs --image-dir"), (["--classes", "1,x"], "--classes"),
                            (["--order", "0"], "--order must be at least 1"),
                            (["--resolution", "24"], "--resolution 24: must be a multiple of 16"),  # 3×3 latents
-                           (["--fid", "--ckpt", "x.pt", "--fid-ref", "r.npz", "--num-fid", "1"], "--num-fid 1")):
+                           (["--fid", "--ckpt", "x.pt", "--fid-ref", "r.npz", "--num-fid", "1"], "--num-fid must be at least 2")):
         with pytest.raises(SystemExit) as e:
             imagenet_twinflow.main(flags(assets) + extra)
         assert e.value.code == 2 and message in capsys.readouterr().err, extra
