@@ -439,6 +439,10 @@ def test_two_rank_fsdp2_trains_saves_shards_resumes_exactly_and_exports(assets, 
                     "--log-every", "1", "--out", str(tmp_path / "resumed"), "--train-steps", "4",
                     "--resume"])
     assert [log["step"] for log in logs] == [0, 1, 2, 3] and logs[:3] == whole["logs"]
+    # with an EMA: a second sharded copy, updated after each step and saved with the model
+    torchrun([*common, "--ema", "0.9", "--out", str(tmp_path / "ema"), "--train-steps", "2"], free_port())
+    state = json.load(open(os.path.join(sq.checkpoint_dirs(str(tmp_path / "ema"))[-1], "train_state.json")))
+    assert state["ema"] and state["step"] == 2 and all(np.isfinite(log["loss"]) for log in state["logs"])
     # the sharded checkpoint becomes one consolidated folder, in one process
     folder = sq.main(["--export", str(tmp_path / "export"), "--out", str(tmp_path / "whole")])
     transformer = sq.TwinFlowQwenImageTransformer.from_pretrained(os.path.dirname(folder), subfolder="transformer")
