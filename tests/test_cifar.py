@@ -101,7 +101,27 @@ def test_targets_come_from_the_short_ema_and_samples_from_the_long_one(data_root
     assert state["config"]["ema"] == 0.9999 and state["config"]["target_ema"] == 0.05
     target = {k: v.cpu() for k, v in used[-1].state_dict().items()}
     assert all(torch.equal(target[k], v) for k, v in state["target_ema"].items())
-    assert not all(torch.equal(state["target_ema"][k], v) for k, v in state["ema"].items())
+    distance = lambda name: sum((state[name][k].float() - v.float()).square().sum() for k, v in state["model"].items())
+    assert distance("target_ema") < distance("ema")  # the 0.05 EMA follows the model; the 0.9999 one lags
+
+
+def test_training_batches_are_flipped_at_random(data_root, tmp_path, monkeypatch):
+    """Every training image dark on the left, bright on the right: mirrored ones reach the loss too."""
+    folder = os.path.join(data_root, "cifar-10-batches-py")
+    images = np.zeros((8, 3, 32, 32), np.uint8)
+    images[..., 16:] = 255
+    for i in range(1, 6):
+        with open(os.path.join(folder, f"data_batch_{i}"), "wb") as f:
+            pickle.dump({"data": images.reshape(8, 3072), "labels": list(range(8))}, f)
+    seen, real = [], cifar_twinflow.training_loss
+
+    def spy(model, ema_model, x, **kwargs):
+        seen.append(x.detach().clone())
+        return real(model, ema_model, x, **kwargs)
+    monkeypatch.setattr(cifar_twinflow, "training_loss", spy)
+    cifar_twinflow.main(tiny(data_root, tmp_path / "o"))
+    left_bright = (torch.cat(seen)[..., :16].mean((1, 2, 3)) > 0).float().mean()
+    assert 0 < left_bright < 1  # some mirrored, some not (24 images)
 
 
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(data_root, tmp_path):
@@ -109,8 +129,11 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(data_root, tmp_pat
     cifar_twinflow.main(tiny(data_root, straight, "--log-every", "1", "--train-steps", "4"))
     cifar_twinflow.main(tiny(data_root, resumed, "--log-every", "1", "--train-steps", "2"))
     cifar_twinflow.main(tiny(data_root, resumed, "--log-every", "1", "--train-steps", "4", "--resume"))
-    logs = [torch.load(d / "checkpoint.pt", weights_only=False)["logs"] for d in (straight, resumed)]
+    states = [torch.load(d / "checkpoint.pt", weights_only=False) for d in (straight, resumed)]
+    logs = [state["logs"] for state in states]
     assert [row["step"] for row in logs[1]] == [0, 1, 2, 3] and logs[0] == logs[1]
+    for ema in ("ema", "target_ema"):  # the losses depend on the model and the target EMA, not the sampled one
+        assert all(torch.equal(states[0][ema][k], v) for k, v in states[1][ema].items()), ema
     with pytest.raises(SystemExit, match="trained with --mult"):
         cifar_twinflow.main(tiny(data_root, resumed, "--mult", "1,2,2", "--resume"))
 

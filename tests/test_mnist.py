@@ -196,6 +196,30 @@ def test_resume_keeps_the_runs_settings_unless_given_again(data_root, tmp_path):
     assert saved()["opt"]["param_groups"][0]["lr"] == 1e-5 and saved()["step"] == 4
 
 
+def test_label_dropout_and_the_null_class_reach_the_loss(data_root, tmp_path, monkeypatch):
+    seen, real = [], mnist_twinflow.training_loss
+
+    def spy(*args, cond, null_cond, **kwargs):
+        seen.append((cond["y"].clone(), null_cond["y"].clone()))
+        return real(*args, cond=cond, null_cond=null_cond, **kwargs)
+    monkeypatch.setattr(mnist_twinflow, "training_loss", spy)
+    mnist_twinflow.main(tiny(data_root, tmp_path / "o", "--batch", "64", "--label-dropout", "0.5"))
+    labels = torch.cat([y for y, _ in seen])
+    assert all((null == 10).all() for _, null in seen)  # guidance reads the null class
+    assert 0.35 < (labels == 10).float().mean() < 0.65  # half the labels dropped (256 draws)
+    assert set(labels[labels != 10].tolist()) <= set(range(10))
+
+
+def test_sampling_reads_the_ema_not_the_model_being_trained(data_root, tmp_path):
+    mnist_twinflow.main(tiny(data_root, tmp_path / "o", "--train-steps", "1"))
+    state = torch.load(tmp_path / "o" / "checkpoint.pt", weights_only=False)
+    state["model"] = {k: torch.full_like(v, float("nan")) for k, v in state["model"].items()}
+    torch.save(state, tmp_path / "poisoned.pt")
+    mnist_twinflow.main(tiny(data_root, tmp_path / "s", "--sample", "--ckpt", str(tmp_path / "poisoned.pt"),
+                             "--num", "10"))
+    assert torch.load(tmp_path / "s" / "samples_nfe1.pt")["samples"].isfinite().all()
+
+
 def test_sample_mode_writes_grids_and_evenly_spread_classes(data_root, tmp_path):
     out = tmp_path / "o"
     mnist_twinflow.main(tiny(data_root, out, "--method", "rcgm", "--train-steps", "2"))

@@ -136,3 +136,24 @@ def test_a_seed_reproduces_every_column_including_the_re_noised_ones(tmp_path):
     assert first["rcgm"] == second["rcgm"] and first["rcgm"]["nfe2_renoise"] != other["rcgm"]["nfe2_renoise"]
     # the re-noised column is its own sampler, not a copy of the jumps
     assert first["rcgm"]["nfe2_renoise"] != first["rcgm"]["nfe2"]
+
+
+def test_the_gif_follows_training_and_ends_on_the_ema_that_is_scored(tmp_path, monkeypatch):
+    """A frame every train_steps/40 steps and one at the end, all from the EMA: the last frame is the
+    1-NFE sample metrics.json scores (the same noise)."""
+    frames, real_gif, real_sample = {}, toy_2d.save_gif, toy_2d.sample
+
+    def keep_frames(path, all_frames, *args):
+        frames.update(all_frames)
+        return real_gif(path, all_frames, *args)
+
+    def only_the_ema(model, *args, **kwargs):
+        assert not any(p.requires_grad for p in model.parameters()), "sampled from the model being trained"
+        return real_sample(model, *args, **kwargs)
+    monkeypatch.setattr(toy_2d, "save_gif", keep_frames)
+    monkeypatch.setattr(toy_2d, "sample", only_the_ema)
+    toy_2d.main(["--methods", "rcgm", "--train-steps", "40", "--num-eval", "200", "--many-steps", "2",
+                 "--out", str(tmp_path)])
+    rcgm, samples = frames["rcgm"], np.load(tmp_path / "samples.npz")
+    assert len(rcgm) == 41 and not np.allclose(rcgm[0], rcgm[-1])
+    np.testing.assert_allclose(rcgm[-1], samples["rcgm_nfe1"], rtol=1e-5, atol=1e-5)
