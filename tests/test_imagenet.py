@@ -12,6 +12,7 @@ import shutil  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import types  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -137,6 +138,25 @@ class TinyFeatures(nn.Module):
     def forward(self, x):
         assert x.dtype == torch.uint8  # FID's protocol: 8-bit pixels, as Inception gets them
         return self.net(x.float())
+
+
+class PoolingVAE:
+    """A stand-in encoder that commutes with a horizontal flip: 2×2 average pooling, 4 channels."""
+    config = types.SimpleNamespace(scaling_factor=1.0)
+
+    def encode(self, x):
+        pooled = torch.nn.functional.avg_pool2d(x, 2)
+        latent = torch.cat([pooled, pooled[:, :1]], 1)
+        return types.SimpleNamespace(latent_dist=types.SimpleNamespace(sample=lambda: latent))
+
+
+def test_flip_copies_are_mirrored_left_to_right(assets, tmp_path, monkeypatch):
+    monkeypatch.setattr(imagenet_twinflow, "load_vae", lambda name, device: PoolingVAE())
+    imagenet_twinflow.main(flags(assets, "--extract", "--image-dir", str(assets / "images"), "--flip-copies",
+                                 "--shard-size", "4", "--latents", str(tmp_path / "latents")))
+    shard = torch.load(tmp_path / "latents" / "shard_00000.pt")["latents"]  # 4 images, then their copies
+    assert shard.shape[0] == 8 and not torch.equal(shard[:4], shard[:4].flip(-1))
+    assert torch.equal(shard[4:], shard[:4].flip(-1))  # a flip along the width, not the height
 
 
 def test_train_resume_sample_and_fid(assets, latents, tmp_path, monkeypatch):
