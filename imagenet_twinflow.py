@@ -349,10 +349,10 @@ class DiT(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: atomic (write, then rename), with everything an exact resume needs
 # ----------------------------------------------------------------------------------------------
-def save_checkpoint(path, model, ema, target_ema, opt, step, logs, args, meta):
+def save_checkpoint(path, model, ema, target_ema, opt, step, logs, args, meta, seconds):
     device = next(model.parameters()).device
     state = {"model": model.state_dict(), "ema": ema.state_dict(), "target_ema": target_ema.state_dict(),
-             "opt": opt.state_dict(), "step": step,
+             "opt": opt.state_dict(), "step": step, "seconds": seconds,
              "logs": logs, "config": {k: v for k, v in vars(args).items()}, "meta": meta,
              "rng": {"cpu": torch.get_rng_state(),  # and the generator of the device we train on, if any
                      "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
@@ -415,6 +415,8 @@ def train(args, rank, world, device):
     meta.update(latent_channels=latent.shape[0], downsample=meta["resolution"] // latent.shape[-1])
     path = os.path.join(args.out, "checkpoint.pt")
     state = load_checkpoint(path, "--resume") if args.resume else None  # (its settings: parse_args)
+    seconds_before, started = (state.get("seconds", 0.0) if state else 0.0), time.time()
+    seconds = lambda: seconds_before + time.time() - started  # training time, over every --resume
     torch.manual_seed(args.seed)  # the same initial weights on every rank and for every method
     model = build_model(vars(args), meta).to(device)
     # Two EMA copies, in eval mode. The targets (RCGM's consistency target, the enhanced target) come
@@ -497,7 +499,7 @@ def train(args, rank, world, device):
                 logs.append({"step": step, **{k: v.item() for k, v in terms.items()}})
                 bar.set_postfix(loss=f"{logs[-1]['loss']:.3f}", refresh=False)
             if rank == 0 and (step + 1) % args.ckpt_every == 0:
-                save_checkpoint(path, model, ema, target_ema, opt, step + 1, logs, args, meta)
+                save_checkpoint(path, model, ema, target_ema, opt, step + 1, logs, args, meta, seconds())
                 saved = step + 1
         else:
             step = max(step, args.train_steps)  # (a resumed run may already be past --train-steps)
@@ -510,12 +512,12 @@ def train(args, rank, world, device):
     if stop:
         if rank == 0:  # `step` is the first step not taken: resume starts there
             if step != saved:
-                save_checkpoint(path, model, ema, target_ema, opt, step, logs, args, meta)
+                save_checkpoint(path, model, ema, target_ema, opt, step, logs, args, meta, seconds())
             print(f"\ninterrupted: saved step {step} to {path}; continue with --resume")
         raise SystemExit(130)
     if rank == 0 and step != saved:  # (not twice when the last step was a --ckpt-every one)
-        save_checkpoint(path, model, ema, target_ema, opt, step, logs, args, meta)
-    return ema, logs, meta, step
+        save_checkpoint(path, model, ema, target_ema, opt, step, logs, args, meta, seconds())
+    return ema, logs, meta, step, seconds()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -663,11 +665,10 @@ def main(argv=None):
 
         if args.batch // world < 4:
             parser.error(f"--batch {args.batch} over {world} rank(s): each needs at least 4 (twinflow splits in 4)")
-        start = time.time()
-        ema, logs, meta, step = train(args, rank, world, device)
+        ema, logs, meta, step, seconds = train(args, rank, world, device)
         if rank != 0:
             return None
-        result = {"method": args.method, "train_seconds": round(time.time() - start, 1), "steps": step,
+        result = {"method": args.method, "train_seconds": round(seconds, 1), "steps": step,
                   "world_size": world, "global_batch": args.batch // world * world, "device": str(device),
                   "parameters": sum(p.numel() for p in ema.parameters()), "latents": meta, "config": vars(args)}
         with open(os.path.join(args.out, "train.json"), "w") as f:

@@ -224,10 +224,10 @@ class UNet(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: atomic (write, then rename), with everything an exact resume needs
 # ----------------------------------------------------------------------------------------------
-def save_checkpoint(path, model, ema, opt, step, logs, args):
+def save_checkpoint(path, model, ema, opt, step, logs, args, seconds):
     device = next(model.parameters()).device
     state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-             "logs": logs, "config": {k: v for k, v in vars(args).items()},
+             "seconds": seconds, "logs": logs, "config": {k: v for k, v in vars(args).items()},
              "rng": {"cpu": torch.get_rng_state(),  # and the generator of the device we train on, if any
                      "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                      "mps": torch.mps.get_rng_state() if device.type == "mps" else None}}
@@ -283,6 +283,8 @@ def build_model(config):
 def train(args, rank, world, device):
     path = os.path.join(args.out, "checkpoint.pt")
     state = load_checkpoint(path, "--resume") if args.resume else None  # (its settings: parse_args)
+    seconds_before, started = (state.get("seconds", 0.0) if state else 0.0), time.time()
+    seconds = lambda: seconds_before + time.time() - started  # training time, over every --resume
     torch.manual_seed(args.seed)  # the same initial weights on every rank and for every method
     model = build_model(vars(args)).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)  # eval: no dropout in the targets it builds
@@ -352,7 +354,7 @@ def train(args, rank, world, device):
                 logs.append({"step": step, **{k: v.item() for k, v in terms.items()}})
                 bar.set_postfix(loss=f"{logs[-1]['loss']:.3f}", refresh=False)
             if rank == 0 and (step + 1) % args.ckpt_every == 0:
-                save_checkpoint(path, model, ema, opt, step + 1, logs, args)
+                save_checkpoint(path, model, ema, opt, step + 1, logs, args, seconds())
                 saved = step + 1
         else:
             step = max(step, args.train_steps)  # (a resumed run may already be past --train-steps)
@@ -365,12 +367,12 @@ def train(args, rank, world, device):
     if stop:
         if rank == 0:  # `step` is the first step not taken: resume starts there
             if step != saved:
-                save_checkpoint(path, model, ema, opt, step, logs, args)
+                save_checkpoint(path, model, ema, opt, step, logs, args, seconds())
             print(f"\ninterrupted: saved step {step} to {path}; continue with --resume")
         raise SystemExit(130)
     if rank == 0 and step != saved:  # (not twice when the last step was a --ckpt-every one)
-        save_checkpoint(path, model, ema, opt, step, logs, args)
-    return ema, logs, step
+        save_checkpoint(path, model, ema, opt, step, logs, args, seconds())
+    return ema, logs, step, seconds()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -575,9 +577,8 @@ def main(argv=None):
         parser.error(f"--batch {args.batch} over {world} rank(s): each needs at least 4 (twinflow splits in 4)")
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-    start = time.time()
-    ema, logs, step = train(args, rank, world, device)
-    seconds = round(time.time() - start, 1)
+    ema, logs, step, seconds = train(args, rank, world, device)
+    seconds = round(seconds, 1)  # training only, summed over every --resume
     if world > 1:
         dist.destroy_process_group()
     if rank != 0:

@@ -183,12 +183,14 @@ def test_resume_keeps_the_runs_settings_unless_given_again(data_root, tmp_path):
     out = tmp_path / "o"
     saved = lambda: torch.load(out / "checkpoint.pt", weights_only=False)
     mnist_twinflow.main(tiny(data_root, out, "--train-steps", "2", "--lr", "3e-4", "--kappa", "0", "--order", "1"))
+    first_seconds = saved()["seconds"]
     # --label-dropout 0 is refused with the default κ = 0.5, not with the run's κ = 0: checked after the merge
     mnist_twinflow.main(tiny(data_root, out, "--train-steps", "3", "--resume", "--label-dropout", "0"))
     state = saved()
     assert state["opt"]["param_groups"][0]["lr"] == 3e-4 and state["step"] == 3
     assert state["config"]["kappa"] == 0 and state["config"]["order"] == 1 and state["config"]["lr"] == 3e-4
     assert state["config"]["label_dropout"] == 0
+    assert state["seconds"] > first_seconds  # the training time adds up over the restarts
     with pytest.raises(SystemExit, match="trained with --preset cpu, not gpu"):
         mnist_twinflow.main(tiny(data_root, out, "--resume", "--preset", "gpu"))
     assert json.loads((out / "metrics.json").read_text())["steps"] == 3
