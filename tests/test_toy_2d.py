@@ -57,7 +57,8 @@ def test_user_data_file(tmp_path):
                           "--num-eval", "100", "--many-steps", "4", "--out", str(tmp_path / "o")])
     assert report["target"] == str(path) and report["num_eval"] == 100
     samples = np.load(tmp_path / "o" / "samples.npz")
-    assert abs(samples["flow_nfe4"].mean() - 5) < 3  # mapped back to the user's coordinates
+    # mapped back to the user's coordinates, mean and scale (the data: mean 5, std 3; measured 4.8 / 3.1)
+    assert abs(samples["flow_nfe4"].mean() - 5) < 1 and 2 < samples["flow_nfe4"].std() < 4.5
     assert "flow_nfe4_renoise" not in samples  # flow has no jumps to re-noise
 
 
