@@ -569,7 +569,10 @@ def main(argv=None):
             torch.save({"samples": samples, "labels": labels}, path)
             print(f"wrote {args.out}/grids.png and {path}: {tuple(samples.shape)} in [-1, 1]")
         if args.eval:
-            return report(model, method, args, device, {"checkpoint": args.ckpt, "step": state["step"]})
+            extra = {"checkpoint": args.ckpt, "step": state["step"]}
+            if "seconds" in state:  # the checkpoint's training time, so benchmarks/mnist_table.py can show it
+                extra["train_seconds"] = round(state["seconds"], 1)
+            return report(model, method, args, device, extra)
         return None
 
     rank, world, device = setup_distributed(args)

@@ -4,14 +4,16 @@ plan needs before anyone trusts it at 20B.
 
     torchrun --nproc_per_node 1 benchmarks/qwen_step_memory.py                   # 4 blocks (1.4B), 1 GPU
     torchrun --nproc_per_node 8 benchmarks/qwen_step_memory.py --layers 8 --batch 32
-    python benchmarks/qwen_step_memory.py --layers 2 --heads 2 --resolution 64 --text-len 16   # CPU smoke run
+    python benchmarks/qwen_step_memory.py --layers 2 --heads 2 --resolution 64 --text-len 16 --device cpu  # smoke run
 
 The weights are random, in the real Qwen-Image shape (width 3072 = 24 heads × 128, text width 3584),
 and so are the packed latents and caption embeddings, of the real sizes. The step is
 scale_qwen_image.py's own: build() (FSDP2 under torchrun, fp32 master weights, bf16 compute,
 activation checkpointing), then training_loss from common.py, backward, clipping and AdamW. The peak
 is torch.cuda.max_memory_allocated over --steps steps; the optimizer state appears at the first step.
-On other devices the step runs, but memory is not measured.
+On other devices the step runs, but memory is not measured. Run it under torchrun on CUDA: the plan
+models FSDP2's bf16 compute with fp32 master weights; plain python on CUDA runs the step unsharded,
+under autocast, so its ratios to the plan are printed with a warning.
 """
 import argparse
 import os
@@ -40,6 +42,10 @@ script_args = sq.parse_args(["--cache", "unused", "--batch", str(args.batch), "-
                              "--max-text-len", str(args.text_len), "--method", args.method, "--ema", str(args.ema),
                              "--device", args.device, "--grad-ckpt" if args.grad_ckpt else "--no-grad-ckpt"])
 rank, world, device = sq.setup_distributed(script_args)
+parts = {"flow": 1, "rcgm": 3, "twinflow": 4}[args.method]  # training_loss splits each rank's batch
+if args.batch // world < parts or args.steps < 1:  # fail before building a 1.4B-parameter model
+    parser.error(f"--batch {args.batch} over {world} rank(s) is {args.batch // world} per rank: {args.method} "
+                 f"needs at least {parts}; --steps must be at least 1 (got {args.steps})")
 config = dict(num_layers=args.layers, num_attention_heads=args.heads)  # the rest: the defaults = Qwen-Image's
 
 
@@ -90,6 +96,8 @@ if rank == 0:
         allocated, peak = torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device)
         print(f"  measured:  allocated after the step {allocated / sq.GiB:.2f} GiB ({allocated / static:.2f}× predicted), "
               f"peak {peak / sq.GiB:.2f} GiB ({peak / total:.2f}× predicted)  [{torch.cuda.get_device_name(device)}]")
+        if not torch.distributed.is_initialized():
+            print("  warning: not under torchrun, so no FSDP2 (autocast instead): the plan models another setup")
     else:
         print("  measured:  not on this device (CUDA only)")
 if torch.distributed.is_initialized():

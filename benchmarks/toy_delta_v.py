@@ -56,7 +56,8 @@ parser.add_argument("--bank", type=int, default=2048, help="points per bank for 
 parser.add_argument("--exact", default="both", choices=("both", "real", "fake"),
                     help="which branch of the bank run's Δv comes from its bank; the other from the model")
 parser.add_argument("--runs", default="learned,bank", help="learned (with the branch table), bank, or both")
-parser.add_argument("--table-bank", type=int, default=100_000, help="points per bank for the branch table")
+parser.add_argument("--table-bank", type=int, default=100_000,
+                    help="points per bank for the branch table (the real bank is at most the 100,000 training points)")
 parser.add_argument("--table-points", type=int, default=2000, help="points per τ′ band in the branch table")
 parser.add_argument("--num-eval", type=int, default=20000)
 parser.add_argument("--out", default="out/toy_delta_v")
@@ -168,6 +169,9 @@ def branch_table(model, data, args):
 # ----------------------------------------------------------------------------------------------
 def main(argv=None):
     args = parser.parse_args(argv)
+    for flag in ("bank", "table_bank", "table_points"):
+        if getattr(args, flag) < 1:  # an empty bank would quietly give Δv = 0, or the learned run again
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     common_flags = ["--target", args.target, "--seed", str(args.seed), "--methods", "twinflow",
                     "--train-steps", str(args.train_steps), "--width", str(args.width),
                     "--num-eval", str(args.num_eval), "--device", args.device]

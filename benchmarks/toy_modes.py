@@ -27,6 +27,7 @@ the one-step samples). They need
 toy_2d.py's built-in geometry, so only these two targets.
 """
 import argparse
+import json
 import os
 import sys
 
@@ -99,6 +100,12 @@ def main(argv=None):
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: {path}: not a readable samples.npz ({e})")
     for path, run in zip(args.files, runs):
+        if "data" not in run:
+            raise SystemExit(f"error: {path} has no 'data' array (the held-out data): not toy_2d.py's samples.npz")
+        metrics = os.path.join(os.path.dirname(os.path.abspath(path)), "metrics.json")
+        trained_on = json.load(open(metrics)).get("target") if os.path.exists(metrics) else None
+        if trained_on is not None and trained_on != args.target:  # the counts would still look plausible
+            raise SystemExit(f"error: {path} was trained on {trained_on} (its metrics.json), not --target {args.target}")
         if set(run) != set(runs[0]):
             raise SystemExit(f"error: {path} holds other arrays than {args.files[0]}: not the same runs")
     rows = {key: np.mean([counts(run[key], None if key == "data" else run["data"]) for run in runs], 0)

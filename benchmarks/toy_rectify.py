@@ -214,6 +214,10 @@ def main(argv=None):
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if not variants or any(v not in VARIANTS for v in variants):
         parser.error(f"--variants must be a comma-separated subset of {','.join(VARIANTS)}, got {args.variants!r}")
+    if args.bank < 1:  # an empty bank would quietly make the oracle variants no-rectify ones
+        parser.error(f"--bank must be at least 1, got {args.bank}")
+    if args.batch * 3 // 4 < 4:  # rcgm+3/4-batch needs 3 parts, twinflow 4: check before any training
+        parser.error(f"--batch must be at least 6 (rcgm+3/4-batch trains on 3/4 of it, 4 rows at least), got {args.batch}")
     rng = np.random.default_rng(args.seed)  # toy_2d.py's data for this seed
     pool = toy_2d.make_target(args.target, 100_000, rng)
     reference = toy_2d.make_target(args.target, args.num_eval, rng)
@@ -237,16 +241,23 @@ def main(argv=None):
         results["variants"][variant] = row
         print(f"{variant:>28} {row['nfe1']:8.4f} {row['nfe4']:8.4f} {row['nfe100']:8.4f} "
               f"{row['unclamped_share']:7.2f} {row['train_seconds']:8.1f}", flush=True)
+        write(results, args.out)  # after every variant: a later NaN or Ctrl-C keeps the finished ones
     if "twinflow" in results["variants"]:
         print("\ntwinflow (EMA): learned Δv against the bank estimate at its one-step samples")
         for band, r in results["variants"]["twinflow"]["delta_v_agreement"].items():
             print(f"  {band:>12}: |exact| {r['|exact|']:.3f}  |learned| {r['|learned|']:.3f}  "
                   f"|error| {r['|error|']:.3f}  cosine {r['cosine']:+.2f}")
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+    write(results, args.out)
     return results
+
+
+def write(results, path):
+    """Write the results to path (if given), atomically: a crash mid-write keeps the last file."""
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(results, f, indent=2)
+        os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """mnist_twinflow.py on a tiny MNIST written in the real idx format, so the real loader runs."""
+import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -15,6 +17,9 @@ import mnist_twinflow
 from faults import ctrl_c_during_call, infinite_gradient, nan_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+spec = importlib.util.spec_from_file_location("mnist_table", os.path.join(ROOT, "benchmarks", "mnist_table.py"))
+mnist_table = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mnist_table)
 
 
 def write_idx_mnist(root, n_train=64, n_test=32, seed=0):
@@ -231,6 +236,35 @@ def test_sample_mode_writes_grids_and_evenly_spread_classes(data_root, tmp_path)
     assert saved["samples"].shape == (30, 1, 28, 28) and saved["samples"].abs().max() <= 1
     assert torch.bincount(saved["labels"]).tolist() == [3] * 10
     assert (tmp_path / "s" / "grids.png").stat().st_size > 0
+
+
+def test_eval_of_a_checkpoint_writes_metrics_the_table_reads(data_root, tmp_path):
+    out = tmp_path / "o"
+    mnist_twinflow.main(tiny(data_root, out, "--method", "rcgm", "--train-steps", "2"))
+    seconds = torch.load(out / "checkpoint.pt", weights_only=False)["seconds"]
+    mnist_twinflow.main(tiny(data_root, tmp_path / "e", "--eval", "--ckpt", str(out / "checkpoint.pt")))
+    evaluated = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    trained = json.loads((out / "metrics.json").read_text())
+    assert evaluated["step"] == 2 and evaluated["train_seconds"] == round(seconds, 1) == trained["train_seconds"]
+    assert evaluated["nfe1"] == trained["nfe1"]  # the same EMA, the same seeded noise and evaluator
+    rows = mnist_table.table([str(out), str(tmp_path / "e")]).splitlines()
+    assert rows[0].endswith("| FD 1 NFE ÷ FD 3 NFE |") and rows[2] == rows[3]  # both rows: rcgm, same numbers
+    with pytest.raises(SystemExit, match="no_such_run.*not a readable metrics.json"):
+        mnist_table.table([str(tmp_path / "no_such_run")])
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "metrics.json").write_text(json.dumps({**trained, "nfe32": trained["nfe3"]}))
+    with pytest.raises(SystemExit, match="other NFEs"):
+        mnist_table.table([str(out), str(tmp_path / "other")])
+
+
+def test_the_readme_mnist_table_is_the_scripts_output_on_the_saved_metrics(tmp_path):
+    runs = []
+    for method in ("flow", "rcgm", "twinflow"):
+        (tmp_path / method).mkdir()
+        shutil.copy(os.path.join(ROOT, "assets", "mnist", f"{method}_metrics.json"), tmp_path / method / "metrics.json")
+        runs.append(str(tmp_path / method))
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        assert mnist_table.table(runs) in f.read()
 
 
 def test_sample_and_eval_write_into_eval_beside_their_checkpoint_unless_told():

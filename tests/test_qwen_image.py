@@ -464,3 +464,5 @@ def test_the_gpu_memory_benchmark_runs_its_step_on_cpu():
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step 1: loss" in result.stdout and "predicted: weights + gradients + AdamW" in result.stdout
+    result = subprocess.run(command + ["--batch", "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "needs at least 4" in result.stderr and "step 0" not in result.stdout

@@ -1,6 +1,7 @@
 """benchmarks/step_cost.py runs and measures every row, on a tiny model."""
 import importlib.util
 import os
+import subprocess
 
 import pytest
 
@@ -23,3 +24,15 @@ def test_step_cost_measures_every_row(model, rows, monkeypatch):
     whole, split = results[("twinflow", False, 0.0)], results[("twinflow", True, 0.0)]
     assert 3.8 < whole["saved_mb"] / split["saved_mb"] < 4.2
     assert split["saved_mb"] < 1.05 * results[("flow", True, 0.0)]["saved_mb"]
+
+
+def test_every_step_cost_command_in_gpu_checks_sh_parses():
+    """benchmarks/gpu_checks.sh has never run (no GPU lent yet): its flags must at least still exist."""
+    with open(os.path.join(HERE, "..", "benchmarks", "gpu_checks.sh")) as f:
+        script = f.read().replace("\\\n", " ")
+    assert subprocess.run(["bash", "-n", "-c", script]).returncode == 0  # the shell syntax
+    commands = [line.split("benchmarks/step_cost.py", 1)[1].split() for line in script.splitlines()
+                if line.startswith("check python benchmarks/step_cost.py")]
+    assert len(commands) >= 2
+    for flags in commands:
+        step_cost.parser.parse_args(flags)  # an unknown flag or a bad choice exits

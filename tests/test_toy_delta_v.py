@@ -38,6 +38,10 @@ def test_a_bank_run_alone_and_a_bad_runs_flag(tmp_path):
     assert json.loads((tmp_path / "bank" / "delta_v.json").read_text())["swd"] == results["swd"]
     with pytest.raises(SystemExit, match="--runs bank,oops"):
         toy_delta_v.main(TINY + ["--runs", "bank,oops", "--out", str(tmp_path / "oops")])
+    for flag in ("--bank", "--table-bank", "--table-points"):  # an empty bank: Δv = 0 or the learned run again
+        with pytest.raises(SystemExit):
+            toy_delta_v.main(TINY + [flag, "0", "--out", str(tmp_path / "empty")])
+    assert not (tmp_path / "empty").exists()  # refused before any training
 
 
 @pytest.mark.parametrize("exact", ["both", "real", "fake"])

@@ -1,5 +1,6 @@
 """benchmarks/toy_modes.py: its counts on data whose answer is known, read through samples.npz."""
 import importlib.util
+import json
 import os
 
 import numpy as np
@@ -49,6 +50,12 @@ def test_counts_on_checkerboard_and_a_bad_file(tmp_path):
     np.savez(tmp_path / "other.npz", data=data)
     with pytest.raises(SystemExit, match="holds other arrays"):  # runs that do not match: no silent mean
         toy_modes.main(["--target", "checkerboard", str(tmp_path / "samples.npz"), str(tmp_path / "other.npz")])
+    (tmp_path / "metrics.json").write_text(json.dumps({"target": "checkerboard"}))  # toy_2d.py's, beside it
+    with pytest.raises(SystemExit, match="trained on checkerboard"):  # 8 Gaussians' counts would look plausible
+        toy_modes.main(["--target", "8gaussians", str(tmp_path / "samples.npz")])
+    np.savez(tmp_path / "no_data.npz", twinflow_nfe1=data)
+    with pytest.raises(SystemExit, match="no 'data' array"):
+        toy_modes.main(["--target", "checkerboard", str(tmp_path / "no_data.npz")])
     (tmp_path / "bad.npz").write_text("not an npz")
     with pytest.raises(SystemExit, match="not a readable samples.npz"):
         toy_modes.main([str(tmp_path / "bad.npz")])

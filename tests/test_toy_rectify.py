@@ -1,7 +1,9 @@
 """benchmarks/toy_rectify.py: its exact Δv, its copy of the one-step consistency target, and a run."""
 import importlib.util
+import json
 import os
 
+import pytest
 import torch
 
 import common
@@ -76,6 +78,28 @@ def test_benchmark_runs_every_variant(tmp_path):
     bands = results["variants"]["twinflow"]["delta_v_agreement"]
     assert len(bands) == 4 and all(-1 <= r["cosine"] <= 1 for r in bands.values())
     assert (common.base_target.__name__, common.rectify_loss.__name__) == ("base_target", "rectify_loss")  # restored
+
+
+def test_bad_flags_are_refused_before_training_and_finished_variants_survive_a_failure(tmp_path, monkeypatch):
+    for flags in (["--batch", "5"], ["--bank", "0"]):  # a 3-row rcgm+3/4-batch part; an empty bank (Δv = 0)
+        with pytest.raises(SystemExit):
+            toy_rectify.main(flags + ["--out", str(tmp_path / "bad.json")])
+    assert not (tmp_path / "bad.json").exists()
+    trained = []
+    original = toy_rectify.train
+
+    def second_variant_fails(variant, data, args):
+        trained.append(variant)
+        if len(trained) == 2:
+            raise SystemExit(f"error: {variant}: loss is nan at step 3")
+        return original(variant, data, args)
+
+    monkeypatch.setattr(toy_rectify, "train", second_variant_fails)
+    out = tmp_path / "rectify.json"
+    with pytest.raises(SystemExit, match="loss is nan"):
+        toy_rectify.main(["--variants", "rcgm,twinflow", "--train-steps", "4", "--batch", "16", "--width", "16",
+                          "--num-eval", "200", "--out", str(out)])
+    assert list(json.loads(out.read_text())["variants"]) == ["rcgm"]  # written after the first variant
 
 
 def test_two_networks_send_each_branch_to_its_own_network():
