@@ -92,7 +92,8 @@ def check_predict(predict):
 def check_adversarial_loss(adversarial_loss):
     B, shape = 256, (3, 2, 2)
     model = TinyModel(shape)
-    z, x_fake, y = torch.randn(B, *shape), torch.randn(B, *shape), torch.arange(B) % 10
+    z, y = torch.randn(B, *shape), torch.arange(B) % 10
+    x_fake = 2 + 0.5 * torch.randn(B, *shape)  # off the noise's scale, so an un-noised x_fake is told from noise
     loss = call(adversarial_loss, model, z, x_fake, y=y)
     expect(torch.is_tensor(loss) and loss.shape == (B,),
            f"return the per-sample loss, shape ({B},): average over every dim but the batch")
@@ -133,8 +134,8 @@ class SignModel(nn.Module):
         self.W, self.c = nn.Parameter(torch.randn(dim, dim) / dim), nn.Parameter(0.6 * torch.randn(dim))
         self.calls = []
 
-    def forward(self, x_t, t, tt):
-        self.calls.append({"x_t": x_t.detach().clone(), "t": t.detach().clone(), "tt": tt.detach().clone()})
+    def forward(self, x_t, t, tt, y=None):
+        self.calls.append({"x_t": x_t.detach().clone(), "t": t.detach().clone(), "tt": tt.detach().clone(), "y": y})
         return x_t @ self.W + torch.sign(t)[:, None] * self.c
 
 
@@ -143,7 +144,8 @@ def check_rectify_loss(rectify_loss, clamp=1.0):
     model = SignModel(D)
     F_one_step = torch.randn(B, D, requires_grad=True)
     x_fake = 2 + 0.5 * torch.randn(B, D)  # off the noise's scale, so x_τ' = x_fake is told from noise
-    loss = call(rectify_loss, model, F_one_step, x_fake, {}, clamp=clamp)
+    y = torch.arange(B) % 10
+    loss = call(rectify_loss, model, F_one_step, x_fake, {"y": y}, clamp=clamp)
     expect(torch.is_tensor(loss) and loss.shape == (B,), f"return the per-sample loss, shape ({B},)")
     signs = sorted({int(s) for call_ in model.calls for s in torch.sign(call_["t"])})
     expect(signs == [-1, 1], "time branches: Δv needs one call at −τ' (fake) and one at +τ' (real)")
@@ -151,16 +153,21 @@ def check_rectify_loss(rectify_loss, clamp=1.0):
     expect(loss.abs().sum() > 0, "Δv is zero: the two calls must differ only in the SIGN of time")
     if not close(loss, common.per_sample_mse(delta_v.clamp(-clamp, clamp), torch.zeros_like(delta_v)), 1e-4):
         expect(not close(loss, delta_v.pow(2).mean(1), 1e-4), f"clamp: Δv must be clamped to [−{clamp}, {clamp}]")
+        expect(not close(loss, delta_v.clamp(-1, 1).pow(2).mean(1), 1e-4),
+               f"clamp: use the clamp argument ({clamp}), not a fixed ±1")
         raise AssertionError("the value differs from ‖Δv‖² (mean over dims): with F_one_step − sg(F_one_step − Δv) "
                              "the loss equals the mean of Δv² — are both calls made at the same point x_τ'?")
     # Every row the model saw, whether in two calls or in one batched call: fake rows (t < 0), real rows
-    rows = {key: torch.cat([c[key] for c in model.calls]) for key in ("x_t", "t", "tt")}
+    expect(all(c["y"] is not None for c in model.calls), "pass the conditioning (**cond) to both calls")
+    rows = {key: torch.cat([c[key] for c in model.calls]) for key in ("x_t", "t", "tt", "y")}
     expect(close(rows["tt"], rows["t"]), "target time: call the model with tt = t (±τ'): Δv compares "
                                          "instantaneous velocities")
     fake, real = rows["t"] < 0, rows["t"] > 0
     expect(fake.sum() == real.sum() == B and close(rows["x_t"][fake], rows["x_t"][real])
            and close(rows["t"][fake], -rows["t"][real]),
            "both branches must see the same point x_τ' and the same τ', with opposite signs of time")
+    expect(torch.equal(rows["y"][fake], y) and torch.equal(rows["y"][real], y),
+           "conditioning: each sample's cond must go with its own row, in both branches")
     tau = common.expand(rows["t"][real], x_fake)
     expect(bool((tau > 0).all() and (tau <= 1).all()) and rows["t"][real].std() > 0.15,
            "noise level: draw τ' ~ U(0, 1) afresh for every sample, not one fixed τ'")
@@ -257,9 +264,12 @@ def check_enhanced_velocity(enhanced_velocity):
     v = call(enhanced_velocity, ema, x_t, t, x, z, cond, null, 0.5)
     expect(torch.is_tensor(v) and v.shape == x.shape, f"shape: expected {tuple(x.shape)}")
     expect(not v.requires_grad, "the target carries gradient: compute it under torch.no_grad()")
-    ys = [c["y"] for c in ema.calls]
-    expect(any(y is not None and torch.equal(y, null["y"]) for y in ys), "use null_cond for the unconditional call")
-    expect(any(y is not None and torch.equal(y, cond["y"]) for y in ys), "use cond for the conditional call")
+    # every row the EMA saw, in two calls or in one batched call: B rows of null_cond, B rows of cond
+    expect(all(c["y"] is not None for c in ema.calls), "pass cond / null_cond to every EMA call")
+    labels = torch.cat([c["y"] for c in ema.calls]) if ema.calls else torch.zeros(0)
+    is_null = labels == null["y"][0]
+    expect(is_null.sum() == B, "use null_cond for the unconditional call (a real null class, not shuffled labels)")
+    expect(torch.equal(labels[~is_null], cond["y"]), "use cond for the conditional call")
     expected = common.enhanced_velocity(ema, x_t, t, x, z, cond, null, 0.5)
     guidance = 2 * (expected - (z - x))
     expect(not close(v, z - x - guidance / 2, 1e-4), "sign: add κ·(F(cond) − F(null)), which points towards the class")

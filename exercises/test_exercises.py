@@ -23,6 +23,7 @@ def test_adversarial():
 
 def test_rectify():
     checks.check_rectify_loss(ex3_rectify.rectify_loss)
+    checks.check_rectify_loss(ex3_rectify.rectify_loss, clamp=0.5)  # the clamp is an argument, not a constant
 
 
 def test_base_target():

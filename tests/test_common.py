@@ -388,6 +388,33 @@ def test_the_adversarial_part_noises_the_fake_samples_with_fresh_noise():
     assert abs(torch.corrcoef(torch.stack([z_new.flatten(), z.flatten()]))[0, 1]) < 0.3
 
 
+def test_rectify_reads_delta_v_on_the_one_step_parts_own_samples_and_adv_regresses_on_z_prime_minus_x_fake():
+    """Δv's two calls sit on the line from x̂ = z − F(z, 1, 0) (the one-step part's own output, in the
+    pass with gradient) to fresh noise z'; both branches read the same x_τ'. logs["adv"] is
+    ‖F(x_τ, −τ, −τ) − (z' − x_fake)‖², rebuilt from the recorded rows."""
+    model, ema = make((256, 2))
+    recorder = Recorder(model)
+    _, logs = training_loss(recorder, ema, torch.randn(256, 2), method="twinflow")
+    (x_t, t, tt, _, F), = [c for c in recorder.calls if c[3]]  # the one pass with gradient
+    one = (t == 1) & (tt == 0)
+    z, x_hat = x_t[one], x_t[one] - F[one]
+    fake_call, real_call = ([c for c in recorder.calls if not c[3] and (c[1] == c[2]).all() and (sign * c[1] > 0).all()]
+                            for sign in (-1, 1))
+    assert len(fake_call) == len(real_call) == 1 and one.sum() == 64
+    (x_tau, minus_tau, _, _, _), (x_tau_real, plus_tau, _, _, _) = fake_call[0], real_call[0]
+    assert torch.equal(x_tau, x_tau_real) and torch.equal(minus_tau, -plus_tau)
+    tau = plus_tau[:, None]
+    z_prime = (x_tau - (1 - tau) * x_hat) / tau
+    assert abs(z_prime.std() - 1) < 0.2  # on the line from x̂ to noise
+    assert abs(torch.corrcoef(torch.stack([z_prime.flatten(), z.flatten()]))[0, 1]) < 0.3  # fresh noise
+    (z_fake, _, _, _, F_fake), = [c for c in recorder.calls if not c[3] and (c[1] == 1).all()]
+    x_fake, adversarial = z_fake - F_fake, t < 0
+    tau = -t[adversarial][:, None]
+    z_prime = (x_t[adversarial] - (1 - tau) * x_fake) / tau
+    adv = ((F[adversarial] - (z_prime - x_fake)) ** 2).mean(1).mean()
+    assert torch.allclose(logs["adv"], adv, rtol=1e-4)
+
+
 def test_a_bf16_model_trains_and_samples_on_bf16_data():
     """Without autocast: every network call must get the model's dtype (float32 times promote)."""
     model, ema = make((8, 2), classes=3)
@@ -486,7 +513,7 @@ def test_stochastic_ratio_and_fake_branch():
     a = sample(spy, z, steps=3, stochastic_ratio=1.0)
     torch.manual_seed(1)
     b = sample(model, z, steps=3, stochastic_ratio=1.0)
-    assert not torch.allclose(a, b)  # fresh noise each step
+    assert not torch.allclose(a, b)  # the noise follows the seed (fresh per step: the test above)
     torch.testing.assert_close(sample(model, z, steps=3, stochastic_ratio=0.0),
                                sample(model, z, steps=3, stochastic_ratio=0.0))
     spy.calls.clear()

@@ -49,6 +49,16 @@ def test_the_rectify_checker_accepts_both_branches_in_one_call():
     checks.check_rectify_loss(batched_rectify)
 
 
+def test_the_rectify_checker_reads_the_clamp_argument():
+    checks.check_rectify_loss(common.rectify_loss, clamp=0.5)
+    with pytest.raises(AssertionError, match="clamp"):
+        checks.check_rectify_loss(rectify_with(hard_clamp=True), clamp=0.5)  # a hard-coded ±1
+
+
+def test_the_enhanced_checker_accepts_both_calls_in_one_batch():
+    checks.check_enhanced_velocity(batched_enhanced)
+
+
 # ----------------------------------------------------------------------------------------------
 # Planted wrong answers, each with the diagnosis the learner should read
 # ----------------------------------------------------------------------------------------------
@@ -105,6 +115,12 @@ def fixed_tau_adversarial(model, z, x_fake, **cond):
     return per_sample_mse(F, z_new - x_fake)
 
 
+def unnoised_adversarial(model, z, x_fake, **cond):
+    z_new, tau = torch.randn_like(x_fake), torch.rand(x_fake.shape[0])
+    _, _, F = predict(model, x_fake, -tau, -tau, **cond)
+    return per_sample_mse(F, z_new - x_fake)
+
+
 def no_grad_adversarial(model, z, x_fake, **cond):
     with torch.no_grad():
         return reference_adversarial(model, z, x_fake, **cond)
@@ -116,14 +132,17 @@ def batched_rectify(model, F_one_step, x_fake, cond, clamp=1.0):
         z, tau = torch.randn_like(x_fake), torch.rand(x_fake.shape[0])
         x_tau = interpolate(x_fake, z, tau)
         times = torch.cat([-tau, tau])
-        fake, real = model(torch.cat([x_tau, x_tau]), times, times, **cond).chunk(2)
+        both = {k: torch.cat([v, v]) for k, v in cond.items()}  # each row keeps its own conditioning
+        fake, real = model(torch.cat([x_tau, x_tau]), times, times, **both).chunk(2)
         delta_v = (fake - real).clamp(-clamp, clamp)
     return per_sample_mse(F_one_step, (F_one_step - delta_v).detach())
 
 
 def rectify_with(flip=False, detach_target=True, clamp_it=True, same_sign=False, noised=True, tt_zero=False,
-                 fixed_tau=False):
+                 fixed_tau=False, hard_clamp=False, drop_cond=False):
     def rectify_loss(model, F_one_step, x_fake, cond, clamp=1.0):
+        clamp = 1.0 if hard_clamp else clamp
+        cond = {} if drop_cond else cond
         with torch.no_grad():
             z, tau = torch.randn_like(x_fake), torch.rand(x_fake.shape[0])
             tau = torch.full_like(tau, 1e-3) if fixed_tau else tau
@@ -189,6 +208,15 @@ def shuffled_enhanced(ema_model, x_t, t, x, z, cond, null_cond, kappa):
     return common.enhanced_velocity(ema_model, x_t, t, x, z, cond, shuffled, kappa)
 
 
+def batched_enhanced(ema_model, x_t, t, x, z, cond, null_cond, kappa):
+    """A right answer in another form: the conditional and null calls in ONE batch (as in CFG code)."""
+    with torch.no_grad():
+        both = ema_model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([t, t]),
+                         y=torch.cat([cond["y"], null_cond["y"]]))
+        conditional, unconditional = both.chunk(2)
+        return (z - x) + kappa * (conditional - unconditional)
+
+
 def grad_enhanced(ema_model, x_t, t, x, z, cond, null_cond, kappa):
     return common.enhanced_velocity.__wrapped__(ema_model, x_t, t, x, z, cond, null_cond, kappa)
 
@@ -204,6 +232,7 @@ PLANTED = [
     ("adversarial", reused_noise_adversarial, "you reused z"),
     ("adversarial", flipped_target_adversarial, "target sign"),
     ("adversarial", fixed_tau_adversarial, "not one fixed τ"),
+    ("adversarial", unnoised_adversarial, "x_τ is not τ·z'"),
     ("adversarial", no_grad_adversarial, "no gradient reaches the model"),
     ("rectify", rectify_with(flip=True), "AWAY from the real data"),
     ("rectify", rectify_with(detach_target=False), "no gradient reaches F_one_step"),
@@ -212,6 +241,7 @@ PLANTED = [
     ("rectify", rectify_with(noised=False), "noise the one-step samples first"),
     ("rectify", rectify_with(tt_zero=True), "tt = t"),
     ("rectify", rectify_with(fixed_tau=True), "not one fixed τ'"),
+    ("rectify", rectify_with(drop_cond=True), "pass the conditioning"),
     ("base_target", unguarded_base_target, "inf/NaN"),
     ("base_target", unclamped_base_target, "clamp"),
     ("base_target", one_substep_base_target, "order"),
