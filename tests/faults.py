@@ -1,8 +1,10 @@
 """Faults the training-script tests inject into `training_loss`, one definition for every script."""
+import contextlib
 import os
 import signal
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 
 def nan_loss(*args, **kwargs):
@@ -30,3 +32,15 @@ def ctrl_c_during_call(training_loss, call, sig=signal.SIGINT):
             os.kill(os.getpid(), sig)
         return training_loss(*args, **kwargs)
     return wrapped
+
+
+@contextlib.contextmanager
+def counting_optimizer_steps():
+    """Counts the optimizer steps (of any optimizer) taken inside the block: a bad step must stop
+    BEFORE the update, not after it."""
+    steps = []
+    handle = register_optimizer_step_pre_hook(lambda *args: steps.append(1))
+    try:
+        yield steps
+    finally:
+        handle.remove()

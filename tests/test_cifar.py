@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import cifar_twinflow
-from faults import ctrl_c_during_call, infinite_gradient, nan_loss
+from faults import counting_optimizer_steps, ctrl_c_during_call, infinite_gradient, nan_loss
 
 
 def write_cifar(root, per_batch=8, n_test=8, seed=0):
@@ -179,9 +179,10 @@ def test_a_nan_loss_or_an_infinite_gradient_stops_without_touching_the_last_chec
     for broken, message in ((nan_loss, "loss is nan at step 2"),
                             (infinite_gradient(cifar_twinflow.training_loss), "gradient norm is (inf|nan) at step 2")):
         monkeypatch.setattr(cifar_twinflow, "training_loss", broken)
-        with pytest.raises(SystemExit, match=message) as e:
+        with counting_optimizer_steps() as steps, pytest.raises(SystemExit, match=message) as e:
             cifar_twinflow.main(tiny(data_root, out, "--resume", "--ckpt-every", "1"))
         assert "\n" not in str(e.value) and (out / "checkpoint.pt").read_bytes() == before
+        assert steps == []  # stopped before the update
 
 
 def write_flat_colour_cifar(root, per_batch=16):

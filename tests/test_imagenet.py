@@ -21,7 +21,7 @@ import torch.nn as nn  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import imagenet_twinflow  # noqa: E402
-from faults import ctrl_c_during_call, infinite_gradient, nan_loss  # noqa: E402
+from faults import counting_optimizer_steps, ctrl_c_during_call, infinite_gradient, nan_loss  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -255,9 +255,10 @@ def test_a_nan_loss_or_an_infinite_gradient_stops_without_touching_the_last_chec
                             (infinite_gradient(imagenet_twinflow.training_loss),
                              "gradient norm is (inf|nan) at step 2")):
         monkeypatch.setattr(imagenet_twinflow, "training_loss", broken)
-        with pytest.raises(SystemExit, match=message) as e:
+        with counting_optimizer_steps() as steps, pytest.raises(SystemExit, match=message) as e:
             imagenet_twinflow.main(flags(assets, "--out", str(out), "--resume", "--ckpt-every", "1"))
         assert "\n" not in str(e.value) and (out / "checkpoint.pt").read_bytes() == before
+        assert steps == []  # stopped before the update
 
 
 def free_port():

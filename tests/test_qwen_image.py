@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import scale_qwen_image as sq  # noqa: E402
-from faults import ctrl_c_during_call  # noqa: E402
+from faults import counting_optimizer_steps, ctrl_c_during_call, infinite_gradient  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16,
@@ -360,6 +360,13 @@ def test_a_non_finite_loss_stops_with_an_error_and_keeps_the_checkpoint(assets, 
     with pytest.raises(SystemExit, match="loss is nan at step 1"):
         sq.main(train_flags(assets, cache, tmp_path / "run", 3, "--ckpt-every", "1"))
     assert [os.path.basename(p) for p in sq.checkpoint_dirs(str(tmp_path / "run"))] == ["step_0000001"]
+
+
+def test_an_infinite_gradient_stops_before_the_update(assets, cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(sq, "training_loss", infinite_gradient(sq.training_loss))
+    with counting_optimizer_steps() as steps, pytest.raises(SystemExit, match="gradient norm is (inf|nan) at step 0"):
+        sq.main(train_flags(assets, cache, tmp_path / "run", 2, "--ckpt-every", "1"))
+    assert steps == [] and sq.checkpoint_dirs(str(tmp_path / "run")) == []
 
 
 def test_sigterm_finishes_the_step_saves_and_resumes_exactly(assets, cache, trained, tmp_path, monkeypatch):

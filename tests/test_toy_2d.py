@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import toy_2d
+from faults import counting_optimizer_steps, infinite_gradient
 
 
 def test_every_builtin_target_is_finite_and_unit_scale():
@@ -108,6 +109,13 @@ def test_a_nan_loss_is_a_one_line_error_and_keeps_the_methods_before_it(tmp_path
     assert samples["twinflow_nfe3"].shape == samples["twinflow_fake_nfe3"].shape == (50, 2)
     assert not any(k.startswith("rcgm") for k in samples)
     assert sorted(os.listdir(tmp_path)) == ["metrics.json", "samples.npz"]  # no temporary files left
+
+
+def test_an_infinite_gradient_stops_before_the_update(tmp_path, monkeypatch):
+    monkeypatch.setattr(toy_2d, "training_loss", infinite_gradient(toy_2d.training_loss))
+    with counting_optimizer_steps() as steps, pytest.raises(SystemExit, match="twinflow: gradient norm is (inf|nan) at step 0"):
+        toy_2d.main(["--methods", "twinflow", "--train-steps", "2", "--num-eval", "50", "--out", str(tmp_path)])
+    assert steps == []
 
 
 def test_unavailable_device_is_a_clear_error(tmp_path):
