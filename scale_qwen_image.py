@@ -631,16 +631,20 @@ def save_checkpoint(args, model, ema, opt, step, logs, rank, world):
     state = {"model": model_state, "optim": optim_state}
     if ema is not None:
         state["ema"] = get_model_state_dict(ema)
-    dcp.save(state, checkpoint_id=tmp)
     device = next(model.parameters()).device
-    torch.save({"cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                "mps": torch.mps.get_rng_state() if device.type == "mps" else None},
-               os.path.join(tmp, f"rng_rank{rank}.pt"))
-    if rank == 0:
-        with open(os.path.join(tmp, "train_state.json"), "w") as f:
-            json.dump({"step": step, "logs": logs, "world": world, "ema": ema is not None,
-                       "config": vars(args), "transformer_config": dict(model.config)}, f, indent=1)
+    try:
+        dcp.save(state, checkpoint_id=tmp)
+        torch.save({"cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                    "mps": torch.mps.get_rng_state() if device.type == "mps" else None},
+                   os.path.join(tmp, f"rng_rank{rank}.pt"))
+        if rank == 0:
+            with open(os.path.join(tmp, "train_state.json"), "w") as f:
+                json.dump({"step": step, "logs": logs, "world": world, "ema": ema is not None,
+                           "config": vars(args), "transformer_config": dict(model.config)}, f, indent=1)
+    except (Exception, CheckpointException) as e:  # a full disk, a lost mount. (DCP's exception is a
+        # BaseException that wraps each rank's traceback: keep the root cause, on one line)
+        raise SystemExit(f"error: could not write {tmp} ({last_line(e)}); the complete checkpoints are kept")
     if world > 1:
         dist.barrier()
     if rank == 0:

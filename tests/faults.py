@@ -44,3 +44,11 @@ def counting_optimizer_steps():
         yield steps
     finally:
         handle.remove()
+
+
+def failing_save(obj, f, *args, **kwargs):
+    """Stands in for torch.save: writes the start of the file, then fails like a full disk."""
+    if isinstance(f, (str, os.PathLike)):  # (DCP saves into in-memory buffers: those get nothing)
+        with open(f, "wb") as handle:
+            handle.write(b"PK\x03\x04 half a checkpoint")
+    raise OSError(28, "No space left on device")

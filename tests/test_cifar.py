@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import cifar_twinflow
-from faults import counting_optimizer_steps, ctrl_c_during_call, infinite_gradient, nan_loss
+from faults import counting_optimizer_steps, ctrl_c_during_call, failing_save, infinite_gradient, nan_loss
 
 
 def write_cifar(root, per_batch=8, n_test=8, seed=0):
@@ -170,6 +170,20 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(data_root, tmp_path,
     logs = [torch.load(d / "checkpoint.pt", weights_only=False)["logs"] for d in (tmp_path / "o", tmp_path / "straight")]
     assert logs[0] == logs[1]
 
+
+def test_a_crash_while_saving_keeps_the_last_checkpoint(data_root, tmp_path, monkeypatch):
+    """A full disk in the middle of a save: the previous checkpoint is untouched and resumes."""
+    out = tmp_path / "o"
+    cifar_twinflow.main(tiny(data_root, out, "--train-steps", "2"))
+    before = (out / "checkpoint.pt").read_bytes()
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        cifar_twinflow.main(tiny(data_root, out, "--resume", "--train-steps", "3"))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert (out / "checkpoint.pt").read_bytes() == before
+    cifar_twinflow.main(tiny(data_root, out, "--resume", "--train-steps", "3"))
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 3
 
 def test_a_nan_loss_or_an_infinite_gradient_stops_without_touching_the_last_checkpoint(data_root, tmp_path,
                                                                                      monkeypatch):

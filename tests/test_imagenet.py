@@ -21,7 +21,7 @@ import torch.nn as nn  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import imagenet_twinflow  # noqa: E402
-from faults import counting_optimizer_steps, ctrl_c_during_call, infinite_gradient, nan_loss  # noqa: E402
+from faults import counting_optimizer_steps, ctrl_c_during_call, failing_save, infinite_gradient, nan_loss  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -245,6 +245,20 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(assets, latents, tmp
     logs = [torch.load(d / "checkpoint.pt", weights_only=False)["logs"] for d in (out, tmp_path / "straight")]
     assert logs[0] == logs[1]
 
+
+def test_a_crash_while_saving_keeps_the_last_checkpoint(assets, latents, tmp_path, monkeypatch):
+    """A full disk in the middle of a save: the previous checkpoint is untouched and resumes."""
+    out = tmp_path / "o"
+    imagenet_twinflow.main(flags(assets, "--out", str(out), "--train-steps", "2"))
+    before = (out / "checkpoint.pt").read_bytes()
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        imagenet_twinflow.main(flags(assets, "--out", str(out), "--resume", "--train-steps", "3"))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert (out / "checkpoint.pt").read_bytes() == before
+    imagenet_twinflow.main(flags(assets, "--out", str(out), "--resume", "--train-steps", "3"))
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 3
 
 def test_a_nan_loss_or_an_infinite_gradient_stops_without_touching_the_last_checkpoint(assets, latents, tmp_path,
                                                                                      monkeypatch):

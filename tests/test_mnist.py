@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import mnist_twinflow
-from faults import counting_optimizer_steps, ctrl_c_during_call, infinite_gradient, nan_loss
+from faults import counting_optimizer_steps, ctrl_c_during_call, failing_save, infinite_gradient, nan_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location("mnist_table", os.path.join(ROOT, "benchmarks", "mnist_table.py"))
@@ -180,6 +180,21 @@ def test_an_infinite_gradient_stops_before_the_update(data_root, tmp_path, monke
     with counting_optimizer_steps() as steps, pytest.raises(SystemExit, match="gradient norm is (inf|nan) at step 2"):
         mnist_twinflow.main(tiny(data_root, out, "--resume", "--ckpt-every", "1"))
     assert steps == [] and (out / "checkpoint.pt").read_bytes() == before  # no update, nothing saved
+
+
+def test_a_crash_while_saving_keeps_the_last_checkpoint(data_root, tmp_path, monkeypatch):
+    """A full disk in the middle of a save: the previous checkpoint is untouched and resumes."""
+    out = tmp_path / "o"
+    mnist_twinflow.main(tiny(data_root, out, "--train-steps", "2"))
+    before = (out / "checkpoint.pt").read_bytes()
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        mnist_twinflow.main(tiny(data_root, out, "--resume", "--train-steps", "3"))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert (out / "checkpoint.pt").read_bytes() == before
+    mnist_twinflow.main(tiny(data_root, out, "--resume", "--train-steps", "3"))
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 3
 
 
 def test_resume_keeps_the_runs_settings_unless_given_again(data_root, tmp_path):

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import scale_qwen_image as sq  # noqa: E402
-from faults import counting_optimizer_steps, ctrl_c_during_call, infinite_gradient  # noqa: E402
+from faults import counting_optimizer_steps, ctrl_c_during_call, failing_save, infinite_gradient  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16,
@@ -360,6 +360,23 @@ def test_a_non_finite_loss_stops_with_an_error_and_keeps_the_checkpoint(assets, 
     with pytest.raises(SystemExit, match="loss is nan at step 1"):
         sq.main(train_flags(assets, cache, tmp_path / "run", 3, "--ckpt-every", "1"))
     assert [os.path.basename(p) for p in sq.checkpoint_dirs(str(tmp_path / "run"))] == ["step_0000001"]
+
+
+def test_a_crash_while_saving_keeps_the_last_checkpoint(assets, cache, tmp_path, monkeypatch):
+    """A full disk in the middle of a save: the half-written step_N.tmp/ is no checkpoint, the
+    previous one resumes, and the next save clears the leftover."""
+    run = tmp_path / "run"
+    sq.main(train_flags(assets, cache, run, 1))
+    before = sq.checkpoint_dirs(str(run))
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(SystemExit, match="could not write .*step_0000002.tmp .*No space left") as e:
+        sq.main(train_flags(assets, cache, run, 2, "--resume"))
+    assert "\n" not in str(e.value)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert sq.checkpoint_dirs(str(run)) == before and os.path.isdir(run / "checkpoints" / "step_0000002.tmp")
+    sq.main(train_flags(assets, cache, run, 2, "--resume"))
+    assert sorted(os.listdir(run / "checkpoints")) == ["step_0000001", "step_0000002"]
 
 
 def test_an_infinite_gradient_stops_before_the_update(assets, cache, tmp_path, monkeypatch):
