@@ -157,6 +157,25 @@ def test_corrupt_checkpoint_is_a_clear_error(data_root, tmp_path):
         cifar_twinflow.main(tiny(data_root, tmp_path / "o", "--sample", "--ckpt", str(tmp_path / "bad.pt")))
 
 
+def test_resume_keeps_the_runs_settings_and_refuses_another_method_or_preset(data_root, tmp_path, capsys):
+    """A flag not given again comes from the checkpoint; one given again wins and is printed; a
+    different --method or --preset is refused before any training."""
+    out = tmp_path / "o"
+    saved = lambda: torch.load(out / "checkpoint.pt", weights_only=False)
+    cifar_twinflow.main(tiny(data_root, out, "--train-steps", "2", "--lr", "3e-4", "--target-ema", "0.95"))
+    cifar_twinflow.main(tiny(data_root, out, "--resume", "--train-steps", "3"))
+    assert saved()["step"] == 3 and saved()["config"]["target_ema"] == 0.95
+    assert saved()["opt"]["param_groups"][0]["lr"] == 3e-4
+    for flag, value, message in (("--method", "rcgm", "trained with --method twinflow, not rcgm"),
+                                 ("--preset", "gpu", "trained with --preset cpu, not gpu")):
+        with pytest.raises(SystemExit, match=message):
+            cifar_twinflow.main(tiny(data_root, out, "--resume", "--train-steps", "4", flag, value))
+    assert saved()["step"] == 3
+    capsys.readouterr()
+    cifar_twinflow.main(tiny(data_root, out, "--resume", "--train-steps", "4", "--lr", "1e-5"))
+    assert "resume with --train-steps 4 (the run's: 3), --lr 1e-05 (the run's: 0.0003)" in capsys.readouterr().out
+    assert saved()["opt"]["param_groups"][0]["lr"] == 1e-5 and saved()["step"] == 4
+
 def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(data_root, tmp_path, monkeypatch):
     original = cifar_twinflow.training_loss
     monkeypatch.setattr(cifar_twinflow, "training_loss", ctrl_c_during_call(original, 2))  # in step 1

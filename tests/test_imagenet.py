@@ -246,6 +246,25 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(assets, latents, tmp
     assert logs[0] == logs[1]
 
 
+def test_resume_keeps_the_runs_settings_and_refuses_another_method_or_model(assets, latents, tmp_path, capsys):
+    """A flag not given again comes from the checkpoint; one given again wins and is printed; a
+    different --method, --model or architecture is refused before any training."""
+    out = tmp_path / "o"
+    saved = lambda: torch.load(out / "checkpoint.pt", weights_only=False)
+    imagenet_twinflow.main(flags(assets, "--out", str(out), "--train-steps", "2", "--lr", "3e-4"))
+    imagenet_twinflow.main(flags(assets, "--out", str(out), "--resume", "--train-steps", "3"))
+    assert saved()["step"] == 3 and saved()["opt"]["param_groups"][0]["lr"] == 3e-4
+    for flag, value, message in (("--method", "rcgm", "trained with --method twinflow, not rcgm"),
+                                 ("--model", "B/2", "trained with --model S/2, not B/2"),
+                                 ("--hidden", "64", "trained with --hidden 32, not 64")):
+        with pytest.raises(SystemExit, match=message):
+            imagenet_twinflow.main(flags(assets, "--out", str(out), "--resume", flag, value))
+    assert saved()["step"] == 3
+    capsys.readouterr()
+    imagenet_twinflow.main(flags(assets, "--out", str(out), "--resume", "--lr", "1e-5"))  # flags(): --train-steps 4
+    assert "--lr 1e-05 (the run's: 0.0003)" in capsys.readouterr().out
+    assert saved()["opt"]["param_groups"][0]["lr"] == 1e-5 and saved()["step"] == 4
+
 def test_a_crash_while_saving_keeps_the_last_checkpoint(assets, latents, tmp_path, monkeypatch):
     """A full disk in the middle of a save: the previous checkpoint is untouched and resumes."""
     out = tmp_path / "o"
