@@ -2,6 +2,9 @@
 
 TwinFlow (Cheng, Sun, Li, Lin, arXiv 2512.05150) trains ONE network to be a 1-NFE generator, with no
 teacher, no discriminator and no JVP. Every script in this repo imports this file unchanged.
+It builds on RCGM (recursive consistent generation models): one network that jumps from any time t
+to any earlier time tt, trained against a target built with an EMA copy of itself. Notation:
+sg(·) is stop-gradient (.detach()); NFE is the number of network calls per sample.
 
 The model contract
 ------------------
@@ -16,14 +19,19 @@ The model contract
   velocity, (t, tt) = (1, 0) for a one-step sample.
 * From any prediction: x̂ = x_t − |t|·F (data), ẑ = x_t + (1 − |t|)·F (noise), and the jump lands
   on x_tt = |tt|·ẑ + (1 − |tt|)·x̂.
-* cond: keyword arguments (class labels, text embeddings). Tensor values are batched on dim 0 and
-  are sliced along with x; anything else is passed through as it is.
+* cond: keyword arguments (class labels, text embeddings). Tensor values must be batched on dim 0
+  (B rows, like x) and are sliced along with x; anything else (a Python flag) is passed through.
+* Batches must be shuffled: training_loss gives each job a contiguous slice of the batch (below),
+  so a class-sorted batch would give the one-step part only the first classes.
+* The EMA copy must be in eval mode if the model has dropout: its targets and samples are then
+  deterministic (update_ema copies weights, not the mode).
 
 Usage (the training loop of every script)
 -----------------------------------------
     loss, logs = training_loss(model, ema, x, method="twinflow", cond={"y": y})
     opt.zero_grad(); loss.backward(); opt.step(); update_ema(ema, model, 0.99, step)
     images = sample(ema, torch.randn_like(x), steps=1, y=y)   # one network call
+(sample takes cond as keyword arguments; training_loss as a dict, because it also takes null_cond.)
 """
 import torch
 
@@ -52,7 +60,9 @@ def predict(model, x_t, t, tt, **cond):
 
 
 def take(cond, index):
-    """Slice every batched tensor in cond along dim 0; pass everything else through."""
+    """Slice every batched tensor in cond along dim 0; pass everything else through.
+    (training_loss checks first that each tensor has B rows: a shared (1, ...) tensor would not
+    broadcast after slicing, and a longer one would be cut without a word.)"""
     return {k: v[index] if torch.is_tensor(v) and v.ndim > 0 else v for k, v in cond.items()}
 
 
@@ -115,12 +125,12 @@ def base_target(ema_model, F, x_t, t, tt, v_star, cond, order=2, plain=None):
     return F - rho
 
 
-def adversarial_loss(F_fake_branch, z, x_fake):
+def adversarial_loss(F_fake_branch, z_fresh, x_fake):
     """L_adv, paper Eq. (8): flow matching on the FAKE trajectory, at negative time:
-        x_τ = τ·z' + (1 − τ)·x_fake,   ‖F(x_τ, −τ, −τ) − (z' − x_fake)‖²
-    x_fake = z − F(z, 1, 0) are the model's own one-step samples (no gradient) and z' is FRESH
-    noise: reusing the z that made x_fake learns a coupled, reflow-like field instead."""
-    return per_sample_mse(F_fake_branch, z - x_fake)
+        ‖F(x_τ, −τ, −τ) − (z' − x_fake)‖²,  x_τ = τ·z' + (1 − τ)·x_fake (built in training_loss)
+    x_fake = z − F(z, 1, 0) are the model's own one-step samples (no gradient) and z' = z_fresh is
+    FRESH noise: reusing the z that made x_fake learns a coupled, reflow-like field instead."""
+    return per_sample_mse(F_fake_branch, z_fresh - x_fake)
 
 
 def rectify_loss(model, F_one_step, x_fake, cond, clamp=1.0, max_time=1.0):
@@ -130,7 +140,8 @@ def rectify_loss(model, F_one_step, x_fake, cond, clamp=1.0, max_time=1.0):
         L  = ‖F_fake − sg(F_fake − Δv)‖²,  F_fake = F(z, 1, 0)
     Its gradient is ∝ Δv, so a descent step moves each one-step sample x̂ = z − F_fake along
     +Δv ∝ E_real[x | x_τ'] − E_fake[x | x_τ']: from the fake towards the real data (a score
-    difference, like DMD). The fake and real "scores" are the same network at −τ' and +τ'.
+    difference, like DMD, Distribution Matching Distillation, which needs a second "fake score"
+    network). Here the fake and real "scores" are the same network at −τ' and +τ'.
     Δv is clamped to [−clamp, clamp] as in the authors' large-scale trainer. model is the network
     being trained (the authors') or its EMA copy (steadier; see training_loss)."""
     with torch.no_grad():
@@ -158,10 +169,15 @@ def training_loss(model, ema_model, x, method="twinflow", cond=None, null_cond=N
     rcgm      the base loss alone (an any-step model, RCGM).
     twinflow  base loss + adv_weight·L_adv + rectify_weight·L_rectify (the authors: 1 and 0.5).
 
-    Four switches; the defaults are the authors' settings (toy_2d.py changes them, see README):
+    order: the number N of EMA sub-steps in the base target (not the sampler's Heun order).
+    Four switches; the defaults are the authors' settings (toy_2d.py changes them, see README), with
+    plain L2 per sample: the large-scale trainer's tan time weighting and pseudo-Huber loss are left
+    out (README, design notes).
     one_step_target   "clamped": the one-step part's base target is sg(F) − clamp((F − F*)/Δt),
                       F* the consistent velocity of base_target, as for every jump. Its pull back
-                      to F* has stiffness 1/Δt, so L_rectify moves the output by only about 0.02·Δv.
+                      to F* has stiffness 1/Δt, so L_rectify moves the output by only about 0.02·Δv
+                      (= 2Δt·Δv: the base term is averaged over B, L_rectify over the B/4 one-step
+                      rows, and L_rectify weighs 0.5).
                       "plain": ‖F − sg(F*)‖² on that part (rcgm too), which L_rectify can move.
     multi_step_target "clamped": the multi part, meant to be near-instant flow matching
                       (t − tt ≤ 0.05·t), gets base_target's clamped residual where t − tt ≥ Δt.
@@ -172,14 +188,16 @@ def training_loss(model, ema_model, x, method="twinflow", cond=None, null_cond=N
     rectify_with_ema  Δv from the EMA model instead of the model being trained.
     rectify_max_time  τ' ~ U(0, rectify_max_time) in L_rectify.
 
-    split=True (the authors' large-scale trainer): the batch is cut into equal parts, each part
-    has one job, and ONE forward pass with gradient covers the whole batch:
+    split=True (the authors' large-scale trainer): the batch is cut into near-equal contiguous parts
+    (tensor_split: B = 6 gives 2, 2, 1, 1), each part has one job, and ONE forward pass with
+    gradient covers the whole batch:
         one    t = 1, tt = 0                  base target (consistency), + L_rectify on its output
         multi  t ~ U(0,1), tt = t(1 − 0.05u)  base target (≈ flow matching, a near-instant jump)
         any    t ~ U(0,1), tt = u·t           base target (an arbitrary jump)
         adv    x ← own one-step samples, t = tt = −τ     L_adv
-    split=False (the authors' MNIST tutorial): every part gets the whole batch: 4× the activation
-    memory and 4–12× the time of a split step (benchmarks/step_cost.py).
+    split=False (the form of the authors' MNIST tutorial, with these weights and no extra terms):
+    every part gets the whole batch: 4× the activation memory and 2.7–7.4× the time of a split step,
+    5.5–12× a flow step (benchmarks/step_cost.py).
     logs holds detached per-term means, for printing."""
     cond, B, device = cond or {}, x.shape[0], x.device
     if kappa and null_cond is None:
@@ -193,8 +211,13 @@ def training_loss(model, ema_model, x, method="twinflow", cond=None, null_cond=N
     if method not in PARTS:
         raise ValueError(f"method must be 'flow', 'rcgm' or 'twinflow', got {method!r}")
     parts = PARTS[method]
-    if B < len(parts):
+    if split and B < len(parts):
         raise ValueError(f"{method} splits each batch into {len(parts)} parts: batch {B} is too small")
+    for name, values in (("cond", cond), ("null_cond", null_cond or {})):
+        for key, value in values.items():
+            if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] != B:
+                raise ValueError(f"{name}[{key!r}] has {value.shape[0]} rows, the batch {B}: "
+                                 f"give every sample its own row")
     for name, value in [("one_step_target", one_step_target), ("multi_step_target", multi_step_target)]:
         if value not in ("clamped", "plain"):
             raise ValueError(f"{name} must be 'clamped' or 'plain', got {value!r}")
@@ -266,12 +289,14 @@ def update_ema(ema_model, model, decay, step=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# The UCGM-style sampler
+# The UCGM-style sampler (UCGM: Unified Continuous Generative Models, the same group's sampler)
 # ----------------------------------------------------------------------------------------------
 def time_grid(steps, gap=(0.0, 0.0), kumaraswamy=(1.0, 1.0, 1.0), device=None):
     """steps + 1 times from (about) 1 down to 0: 1 − K(linspace(g₀, 1 − g₁)) with the
     Kumaraswamy transform K(u) = (1 − (1 − u^a)^b)^c, then 0 appended. The defaults give the uniform
-    grid 1, 1 − 1/steps, ..., 0; e.g. gap=(0.001, 0.6) with steps=2 gives 0.999, 0.6, 0."""
+    grid 1, 1 − 1/steps, ..., 0; e.g. gap=(0.001, 0.6) with steps=2 gives 0.999, 0.6, 0.
+    g₁ > 0 is the last grid time before 0, as in the authors' grids; g₁ = 0 means the uniform grid
+    (a last time of 0 would repeat the 0 appended), so the grid jumps between g₁ = 0 and g₁ = 1e-6."""
     (g0, g1), (a, b, c) = gap, kumaraswamy
     u = torch.linspace(g0, 1 - g1, steps + (g1 == 0), device=device)[:steps]
     return torch.cat([1 - (1 - (1 - u**a) ** b) ** c, torch.zeros(1, device=device)])

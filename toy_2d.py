@@ -12,12 +12,14 @@ Trains three models on the same data with the same network and budget, and compa
     python toy_2d.py --authors-loss                    # rcgm/twinflow with the authors' settings, not TOY_LOSS
 
 Writes to --out: scatter.png (rows: methods; columns: data, 1, 2, 4 NFE, 2 and 4 NFE re-noised, many steps),
-twin_trajectories.png, losses.png, one_step_training.gif, metrics.json and samples.npz (held-out
-data under "data", each method's samples under "{method}_{column}", and the fake branch's many-step
-samples under "twinflow_fake_nfe{many}"). The last two are rewritten after each method, so if a method
-fails (a NaN), the numbers of the methods trained before it are kept.
-The quality metric is the sliced Wasserstein distance (SWD) between --num-eval samples and as many
-held-out points; metrics.json also gives the noise floor: the SWD between two held-out sets of that
+twin_trajectories.png, losses.png, one_step_training.gif, metrics.json and samples.npz. A column's
+key is nfe1, nfe2, nfe4, nfe2_renoise, nfe4_renoise (not for flow) or nfe{many}. metrics.json holds
+the run's settings and, under each method's name, the SWD per column key; samples.npz holds the
+held-out data under "data", each method's samples under "{method}_{key}" and the fake branch's
+many-step samples under "twinflow_fake_nfe{many}". The last two are rewritten after each method, so
+if a method fails (a NaN), the numbers of the methods trained before it are kept.
+The quality metric is the sliced Wasserstein distance (SWD) between --num-eval samples (with --data,
+at most a quarter of the file: the rest is for training) and as many held-out points; metrics.json also gives the noise floor: the SWD between two held-out sets of that
 size (what a perfect model would score). At 5,000 points the floor itself wanders from 0.02 to 0.045
 between seeds on 8 Gaussians (the share of each mode fluctuates), hence the default of 20,000.
 """
@@ -146,6 +148,7 @@ class TimeFeatures(nn.Module):
     def __init__(self, n=8):
         super().__init__()
         self.register_buffer("freqs", math.pi * torch.arange(1, n + 1).float())
+        self.dim = 1 + 2 * n  # t, then a sine and a cosine per frequency
 
     def forward(self, t):
         angles = t[:, None] * self.freqs
@@ -156,7 +159,7 @@ class MLP(nn.Module):
     def __init__(self, width=256, depth=4):
         super().__init__()
         self.time = TimeFeatures()
-        dims = [2 + 2 * 17] + [width] * depth
+        dims = [2 + 2 * self.time.dim] + [width] * depth  # x, features of t, features of tt
         layers = []
         for d_in, d_out in zip(dims[:-1], dims[1:]):
             layers += [nn.Linear(d_in, d_out), nn.SiLU()]
@@ -185,7 +188,7 @@ def swd(a, b, n_directions=512, seed=0):
 # Train one method
 # ----------------------------------------------------------------------------------------------
 def train(method, pool, args, device, gif_noise, normalize, denormalize):
-    torch.manual_seed(args.seed)  # the same init and noise stream for every method
+    torch.manual_seed(args.seed)  # the same init for every method (each then draws its own noise)
     model = MLP(args.width).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -193,8 +196,10 @@ def train(method, pool, args, device, gif_noise, normalize, denormalize):
     logs, frames = [], []
     bar = tqdm(range(args.train_steps + 1), desc=f"{method:>8}", leave=True)
     for step in bar:
-        if step % max(1, args.train_steps // 40) == 0:  # a GIF frame: 1-NFE samples of the EMA
-            frames.append(denormalize(sample(ema, gif_noise)).cpu().numpy())
+        if step % max(1, args.train_steps // 40) == 0:  # a GIF frame: 1-NFE samples of the EMA,
+            # as the scatter's 1 NFE column makes them (flow never learned jumps: one Euler step)
+            one_step = sample(ema, gif_noise, style="mul" if method == "flow" else "few")
+            frames.append(denormalize(one_step).cpu().numpy())
         if step == args.train_steps:
             break
         x = data[torch.randint(len(data), (args.batch,), device=device)]
@@ -325,6 +330,8 @@ def main(argv=None):
     for name in ("train_steps", "many_steps", "num_eval", "width"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.many_steps in (1, 2, 4):  # its column would overwrite the jumps' column of that NFE
+        parser.error(f"--many-steps {args.many_steps}: 1, 2 and 4 NFE have columns of their own; pick another")
     if args.lr <= 0 or not 0 <= args.ema < 1:
         parser.error(f"--lr must be > 0 and --ema in [0, 1), got {args.lr} and {args.ema}")
     device = pick_device(args.device)

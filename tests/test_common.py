@@ -245,6 +245,18 @@ def test_batch_too_small_and_bad_method_are_clear_errors():
         training_loss(model, ema, torch.randn(3, 2), method="gan")
     with pytest.raises(ValueError, match="null_cond"):
         training_loss(model, ema, torch.randn(4, 2), method="flow", kappa=0.5)
+    loss, _ = training_loss(model, ema, torch.randn(3, 2), method="twinflow", split=False)  # whole batch each
+    assert torch.isfinite(loss)
+
+
+def test_conditioning_must_have_a_row_per_sample():
+    """A shared (1,) null label, or labels for a bigger batch, would be sliced wrongly without a word."""
+    model, ema = make((8, 2), classes=3)
+    y = torch.arange(8) % 3
+    with pytest.raises(ValueError, match=r"null_cond\['y'\] has 1 rows, the batch 8"):
+        training_loss(model, ema, torch.randn(8, 2), cond={"y": y}, null_cond={"y": torch.tensor([3])}, kappa=0.5)
+    with pytest.raises(ValueError, match=r"cond\['y'\] has 16 rows, the batch 8"):
+        training_loss(model, ema, torch.randn(8, 2), cond={"y": torch.arange(16) % 3})
 
 
 def test_enhanced_velocity_uses_the_null_class():

@@ -55,11 +55,11 @@ def test_user_data_file(tmp_path):
     path = tmp_path / "points.npy"
     np.save(path, points)
     report = toy_2d.main(["--data", str(path), "--methods", "flow", "--train-steps", "20",
-                          "--num-eval", "100", "--many-steps", "4", "--out", str(tmp_path / "o")])
+                          "--num-eval", "100", "--many-steps", "5", "--out", str(tmp_path / "o")])
     assert report["target"] == str(path) and report["num_eval"] == 100
     samples = np.load(tmp_path / "o" / "samples.npz")
     # mapped back to the user's coordinates, mean and scale (the data: mean 5, std 3; measured 4.8 / 3.1)
-    assert abs(samples["flow_nfe4"].mean() - 5) < 1 and 2 < samples["flow_nfe4"].std() < 4.5
+    assert abs(samples["flow_nfe5"].mean() - 5) < 1 and 2 < samples["flow_nfe5"].std() < 4.5
     assert "flow_nfe4_renoise" not in samples  # flow has no jumps to re-noise
 
 
@@ -88,6 +88,9 @@ def test_bad_flags_are_clear_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         toy_2d.main(["--train-steps", "0", "--out", str(tmp_path)])
     assert "--train-steps must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # its column would overwrite the 4-jump column
+        toy_2d.main(["--many-steps", "4", "--out", str(tmp_path)])
+    assert "1, 2 and 4 NFE have columns of their own" in capsys.readouterr().err
 
 
 def test_a_nan_loss_is_a_one_line_error_and_keeps_the_methods_before_it(tmp_path, monkeypatch):
@@ -130,7 +133,7 @@ def test_toy_loss_settings_and_the_authors_flag(tmp_path, monkeypatch):
     seen = []
     real_loss = toy_2d.training_loss
     monkeypatch.setattr(toy_2d, "training_loss", lambda *a, **kw: seen.append(kw) or real_loss(*a, **kw))
-    tiny = ["--methods", "twinflow", "--train-steps", "2", "--num-eval", "50", "--many-steps", "2"]
+    tiny = ["--methods", "twinflow", "--train-steps", "2", "--num-eval", "50", "--many-steps", "3"]
     toy = toy_2d.main(tiny + ["--out", str(tmp_path / "toy")])
     authors = toy_2d.main(tiny + ["--out", str(tmp_path / "authors"), "--authors-loss"])
     assert seen[0] == {"method": "twinflow", **toy_2d.TOY_LOSS} and seen[-1] == {"method": "twinflow"}
@@ -138,7 +141,7 @@ def test_toy_loss_settings_and_the_authors_flag(tmp_path, monkeypatch):
 
 
 def test_a_seed_reproduces_every_column_including_the_re_noised_ones(tmp_path):
-    tiny = ["--methods", "rcgm", "--train-steps", "20", "--num-eval", "200", "--many-steps", "4"]
+    tiny = ["--methods", "rcgm", "--train-steps", "20", "--num-eval", "200", "--many-steps", "3"]
     first = toy_2d.main(tiny + ["--out", str(tmp_path / "a")])
     second = toy_2d.main(tiny + ["--out", str(tmp_path / "b")])
     other = toy_2d.main(tiny + ["--out", str(tmp_path / "c"), "--seed", "1"])
@@ -161,8 +164,9 @@ def test_the_gif_follows_training_and_ends_on_the_ema_that_is_scored(tmp_path, m
         return real_sample(model, *args, **kwargs)
     monkeypatch.setattr(toy_2d, "save_gif", keep_frames)
     monkeypatch.setattr(toy_2d, "sample", only_the_ema)
-    toy_2d.main(["--methods", "rcgm", "--train-steps", "40", "--num-eval", "200", "--many-steps", "2",
+    toy_2d.main(["--methods", "flow,rcgm", "--train-steps", "40", "--num-eval", "200", "--many-steps", "3",
                  "--out", str(tmp_path)])
-    rcgm, samples = frames["rcgm"], np.load(tmp_path / "samples.npz")
-    assert len(rcgm) == 41 and not np.allclose(rcgm[0], rcgm[-1])
-    np.testing.assert_allclose(rcgm[-1], samples["rcgm_nfe1"], rtol=1e-5, atol=1e-5)
+    samples = np.load(tmp_path / "samples.npz")
+    for method in ("flow", "rcgm"):  # flow's frames are one Euler step, as its 1-NFE column
+        assert len(frames[method]) == 41 and not np.allclose(frames[method][0], frames[method][-1])
+        np.testing.assert_allclose(frames[method][-1], samples[f"{method}_nfe1"], rtol=1e-5, atol=1e-5)
