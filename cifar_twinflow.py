@@ -129,9 +129,16 @@ def parse_args(argv=None):
     for name in ("train_steps", "batch", "num_fid", "nfe", "many_steps", "ckpt_every", "log_every", "blocks", "order"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if not (0 <= args.ema < 1 and 0 <= args.target_ema < 1 and 0 <= args.label_dropout < 1):
-        parser.error(f"--ema, --target-ema and --label-dropout must be in [0, 1), got {args.ema}, "
-                     f"{args.target_ema} and {args.label_dropout}")
+    if not (0 <= args.ema < 1 and 0 <= args.target_ema < 1 and 0 <= args.label_dropout < 1 and 0 <= args.dropout < 1):
+        parser.error(f"--ema, --target-ema, --label-dropout and --dropout must be in [0, 1), got {args.ema}, "
+                     f"{args.target_ema}, {args.label_dropout} and {args.dropout}")
+    if args.many_steps in (1, 2, 4):  # the many-step column would overwrite the jumps' column of that NFE
+        parser.error(f"--many-steps {args.many_steps}: 1, 2 and 4 NFE have columns of their own; pick another")
+    if args.lr <= 0 or args.clip <= 0:  # (a clip ≤ 0 zeroes or flips every gradient)
+        parser.error(f"--lr and --clip must be > 0, got {args.lr} and {args.clip}")
+    if not (args.sample or args.fid or args.resume) and os.path.exists(os.path.join(args.out, "checkpoint.pt")):
+        parser.error(f"--out {args.out} already holds a run's checkpoint: add --resume to continue it, "
+                     f"or pick another --out (a new run would overwrite it)")
     if args.kappa and not args.label_dropout and not (args.sample or args.fid):
         parser.error("--kappa needs --label-dropout > 0: the enhanced target reads the null class, "
                      "which only dropout trains")
@@ -410,7 +417,11 @@ def train(args, rank, world, device):
             torch.mps.set_rng_state(state["rng"]["mps"])
     if world > 1:  # each rank draws its own batches; exact resume holds for single-process runs
         torch.manual_seed(args.seed + 1000 * rank + step)
-    images, labels = load_cifar(args.data_root, train=True, download=not args.no_download)
+    if world > 1 and rank > 0:  # rank 0 downloads first (if it must); the others then read its files
+        dist.barrier()
+    images, labels = load_cifar(args.data_root, train=True, download=not args.no_download and rank == 0)
+    if world > 1 and rank == 0:
+        dist.barrier()
     images, labels = images.to(device), labels.to(device)
     net = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
     net = torch.compile(net) if args.compile else net
@@ -535,7 +546,11 @@ def compute_fid(model, method, args, rank, world, device, batch=250):
     feature = fid_features()
     metric_device = torch.device("cpu") if device.type == "mps" else device  # float64 statistics: not on MPS
     fid = FrechetInceptionDistance(feature=feature).to(metric_device)  # takes uint8 pixels
-    images, _ = load_cifar(args.data_root, train=True, download=not args.no_download)
+    if world > 1 and rank > 0:  # rank 0 downloads first (if it must); the others then read its files
+        dist.barrier()
+    images, _ = load_cifar(args.data_root, train=True, download=not args.no_download and rank == 0)
+    if world > 1 and rank == 0:
+        dist.barrier()
     for x in images[rank::world].split(batch):  # the reference: all 50,000 training images
         fid.update(x.to(metric_device), real=True)  # (stored as uint8)
     labels = torch.arange(rank, args.num_fid, world) % 10  # this rank's share; classes spread evenly
@@ -570,43 +585,18 @@ def plot_losses(path, logs):
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_distributed(args)
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-    if args.sample or args.fid:
-        state = load_checkpoint(args.ckpt, "--ckpt")
-        try:  # a checkpoint of another model, or of other data, does not fit
-            model = build_model(state["config"]).to(device)
-            model.load_state_dict(state["ema"])
-        except (KeyError, TypeError, RuntimeError) as e:
-            raise SystemExit(f"error: --ckpt {args.ckpt}: does not fit this script's model "
-                             f"({type(e).__name__}: {str(e).splitlines()[0]})")
-        model.eval().requires_grad_(False)
-        method = state["config"]["method"]
-        if args.sample and rank == 0:
-            write_grids(model, method, args.out, args.many_steps, args.seed + 2)
-            print(f"wrote {args.out}/grids.png")
-        result = None
-        if args.fid:
-            value, features = compute_fid(model, method, args, rank, world, device)
-            result = {"fid": value, "nfe": args.nfe, "num_samples": args.num_fid,
-                      "weights": f"EMA {state['config']['ema']}",
-                      "reference": "CIFAR-10 train split, 50,000 images", "features": features,
-                      "library": f"torchmetrics {torchmetrics.__version__}", "checkpoint": args.ckpt,
-                      "step": state["step"], "method": method, "world_size": world}
-            if rank == 0:
-                with open(os.path.join(args.out, "fid.json"), "w") as f:
-                    json.dump(result, f, indent=2)
-                print(f"FID {value:.3f} ({args.num_fid} samples, {args.nfe} NFE, EMA) → {args.out}/fid.json")
+    try:  # (the process group is torn down on every exit: a NaN stop, Ctrl-C, a bad flag)
+        if rank == 0:
+            os.makedirs(args.out, exist_ok=True)
+        if args.sample or args.fid:
+            return sample_or_fid(args, rank, world, device)
+        if args.batch // world < 4:
+            parser.error(f"--batch {args.batch} over {world} rank(s): each needs at least 4 (twinflow splits in 4)")
+        ema, logs, step, seconds = train(args, rank, world, device)
+    finally:
         if world > 1:
             dist.destroy_process_group()
-        return result
-
-    if args.batch // world < 4:
-        parser.error(f"--batch {args.batch} over {world} rank(s): each needs at least 4 (twinflow splits in 4)")
-    ema, logs, step, seconds = train(args, rank, world, device)
     seconds = round(seconds, 1)  # training only, summed over every --resume
-    if world > 1:
-        dist.destroy_process_group()
     if rank != 0:
         return None
     plot_losses(os.path.join(args.out, "losses.png"), logs)
@@ -614,10 +604,45 @@ def main(argv=None):
     result = {"method": args.method, "train_seconds": seconds, "steps": step, "world_size": world,
               "global_batch": args.batch // world * world, "device": str(device),
               "parameters": sum(p.numel() for p in ema.parameters()), "config": vars(args)}
-    with open(os.path.join(args.out, "train.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(os.path.join(args.out, "train.json"), result)
     print(f"wrote {args.out}/ ({seconds:.0f} s)")
     return result
+
+
+def sample_or_fid(args, rank, world, device):
+    """--sample: grids of --ckpt's EMA; --fid: its FID at --nfe, into fid.json."""
+    state = load_checkpoint(args.ckpt, "--ckpt")
+    try:  # a checkpoint of another model, or of other data, does not fit
+        model = build_model(state["config"]).to(device)
+        model.load_state_dict(state["ema"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise SystemExit(f"error: --ckpt {args.ckpt}: does not fit this script's model "
+                         f"({type(e).__name__}: {str(e).splitlines()[0]})")
+    model.eval().requires_grad_(False)
+    method = state["config"]["method"]
+    if args.sample and rank == 0:
+        write_grids(model, method, args.out, args.many_steps, args.seed + 2)
+        print(f"wrote {args.out}/grids.png")
+    if not args.fid:
+        return None
+    value, features = compute_fid(model, method, args, rank, world, device)
+    style = "mul" if method == "flow" or args.nfe == args.many_steps else "any"  # as generate() samples
+    result = {"fid": value, "nfe": args.nfe, "style": style, "num_samples": args.num_fid,
+              "weights": f"EMA {state['config']['ema']}", "seed": args.seed,
+              "reference": "CIFAR-10 train split, 50,000 images", "features": features,
+              "library": f"torchmetrics {torchmetrics.__version__}", "checkpoint": args.ckpt,
+              "step": state["step"], "method": method, "world_size": world}
+    if rank == 0:
+        write_json(os.path.join(args.out, "fid.json"), result)
+        print(f"FID {value:.3f} ({args.num_fid} samples, {args.nfe} NFE, EMA) → {args.out}/fid.json")
+    return result
+
+
+def write_json(path, result):
+    """Atomically: a crash mid-write (after a long FID) keeps the last complete file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ its `t` embedder, guidance comes from the enhanced target (κ), and FID needs de
     # 2. train on the latents (--batch is global; B/2 by default, --model XL/2 for the paper-scale one)
     torchrun --nproc_per_node 8 imagenet_twinflow.py --latents /data/in256_latents --compile
     # 3. look, and measure
-    python imagenet_twinflow.py --sample --ckpt out/imagenet_twinflow/checkpoint.pt --latents /data/in256_latents
+    python imagenet_twinflow.py --sample --ckpt out/imagenet_twinflow/checkpoint.pt
     torchrun --nproc_per_node 8 imagenet_twinflow.py --fid --ckpt out/imagenet_twinflow/checkpoint.pt \\
-        --latents /data/in256_latents --fid-ref VIRTUAL_imagenet256_labeled.npz --nfe 1
+        --fid-ref VIRTUAL_imagenet256_labeled.npz --nfe 1
 
 --extract: center crop to --resolution (resize the short side, then crop, as ADM/DiT do), optional
 flipped copies, AutoencoderKL from diffusers (--vae: a hub id or a local folder), latents sampled from
@@ -21,7 +21,10 @@ Training memory-maps the shards and moves only each batch to the device: the dat
 cache, one copy for all ranks (ImageNet with flips: 1.28M × 2 × 4×32×32 × 2 bytes ≈ 19.5 GiB).
 Training writes checkpoint.pt (atomic, with both EMAs, optimizer, step, RNG) and train.json; --sample writes
 grid_nfe*.png (rows: --classes); --fid writes fid.json (protocol: README, and the fid() docstring);
-both write to eval/ beside --ckpt unless --out is given.
+both write to eval/ beside --ckpt unless --out is given (and need no --latents: the checkpoint
+knows its VAE and classes). Ctrl-C or SIGTERM finishes the step and saves. torchrun sends SIGKILL
+30 s after it forwards a SIGTERM, and an XL/2 checkpoint (model, two EMAs, AdamW) is about 13.5 GB:
+launch long runs with `torchrun --shutdown-timeout 600 ...`.
 """
 import argparse
 import copy
@@ -61,7 +64,7 @@ parser.add_argument("--resolution", type=int, default=256, help="a multiple of 1
 parser.add_argument("--flip-copies", action="store_true", help="also encode each image mirrored")
 parser.add_argument("--shard-size", type=int, default=10_000, help="images per shard")
 parser.add_argument("--workers", type=int, default=4, help="data-loading processes for --extract")
-parser.add_argument("--latents", required=True, help="folder of latent shards (written by --extract)")
+parser.add_argument("--latents", help="folder of latent shards (written by --extract; read by training)")
 parser.add_argument("--method", default="twinflow", choices=METHODS)
 parser.add_argument("--model", default="B/2", choices=MODELS)
 parser.add_argument("--depth", type=int, help="override the model's depth (tests use tiny models)")
@@ -105,9 +108,12 @@ def parse_args(argv=None):
         args.out = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")  # not over its run's files
     args.out = args.out or f"out/imagenet_{args.method}"
     depth, hidden, heads = MODELS[args.model]
-    args.depth, args.hidden, args.heads = args.depth or depth, args.hidden or hidden, args.heads or heads
+    pick = lambda given, preset: preset if given is None else given  # (0 is refused below, not replaced)
+    args.depth, args.hidden, args.heads = pick(args.depth, depth), pick(args.hidden, hidden), pick(args.heads, heads)
     if args.extract and not args.image_dir:
         parser.error("--extract needs --image-dir")
+    if not (args.sample or args.fid) and not args.latents:
+        parser.error("--latents DIR is needed to train (and to --extract into)")
     if (args.sample or args.fid) and not args.ckpt:
         parser.error("--sample and --fid need --ckpt PATH")
     classes = str(args.classes)
@@ -119,6 +125,8 @@ def parse_args(argv=None):
     if args.resume:  # continue the run with its own settings, but for the flags given again (checked below)
         path = os.path.join(args.out, "checkpoint.pt")
         resume_settings(args, load_checkpoint(path, "--resume", mmap=True)["config"], path)
+    if min(args.depth, args.hidden, args.heads) < 1:
+        parser.error(f"--depth, --hidden and --heads must be at least 1, got {args.depth}, {args.hidden}, {args.heads}")
     if args.hidden % 4 or args.hidden % args.heads or (args.hidden // args.heads) % 2:
         parser.error(f"--hidden {args.hidden}: a multiple of 4 that splits into --heads {args.heads} heads of even size")
     if args.fid and not args.fid_ref:
@@ -135,6 +143,14 @@ def parse_args(argv=None):
     if not (0 <= args.ema < 1 and 0 <= args.target_ema < 1 and 0 <= args.label_dropout < 1):
         parser.error(f"--ema, --target-ema and --label-dropout must be in [0, 1), got {args.ema}, "
                      f"{args.target_ema} and {args.label_dropout}")
+    if args.many_steps in (1, 2, 4):  # the many-step column would overwrite the jumps' column of that NFE
+        parser.error(f"--many-steps {args.many_steps}: 1, 2 and 4 NFE have columns of their own; pick another")
+    if args.lr <= 0 or args.clip <= 0:  # (a clip ≤ 0 zeroes or flips every gradient)
+        parser.error(f"--lr and --clip must be > 0, got {args.lr} and {args.clip}")
+    training = not (args.sample or args.fid or args.extract)
+    if training and not args.resume and os.path.exists(os.path.join(args.out, "checkpoint.pt")):
+        parser.error(f"--out {args.out} already holds a run's checkpoint: add --resume to continue it, "
+                     f"or pick another --out (a new run would overwrite it)")
     if args.kappa and not args.label_dropout and not (args.sample or args.fid or args.extract):
         parser.error("--kappa needs --label-dropout > 0: the enhanced target reads the null class, "
                      "which only dropout trains")
@@ -652,14 +668,13 @@ def main(argv=None):
             if args.fid:
                 value, features, reference = fid(model, vae, meta, method, args, rank, world, device)
                 result = {"fid": value, "nfe": args.nfe, "style": sampler_style(method, args.nfe, args.many_steps),
-                          "num_samples": args.num_fid, "weights": f"EMA {state['config']['ema']}",
+                          "num_samples": args.num_fid, "weights": f"EMA {state['config']['ema']}", "seed": args.seed,
                           "reference": args.fid_ref,
                           "reference_statistics": reference, "features": features,
                           "library": f"torchmetrics {torchmetrics.__version__}", "checkpoint": args.ckpt,
                           "step": state["step"], "method": method, "world_size": world}
                 if rank == 0:
-                    with open(os.path.join(args.out, "fid.json"), "w") as f:
-                        json.dump(result, f, indent=2)
+                    write_json(os.path.join(args.out, "fid.json"), result)
                     print(f"FID {value:.3f} ({args.num_fid} samples, {args.nfe} NFE, EMA) → {args.out}/fid.json")
             return result
 
@@ -671,13 +686,19 @@ def main(argv=None):
         result = {"method": args.method, "train_seconds": round(seconds, 1), "steps": step,
                   "world_size": world, "global_batch": args.batch // world * world, "device": str(device),
                   "parameters": sum(p.numel() for p in ema.parameters()), "latents": meta, "config": vars(args)}
-        with open(os.path.join(args.out, "train.json"), "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(os.path.join(args.out, "train.json"), result)
         print(f"wrote {args.out}/ ({result['train_seconds']:.0f} s)")
         return result
     finally:
         if world > 1:
             dist.destroy_process_group()
+
+
+def write_json(path, result):
+    """Atomically: a crash mid-write (after a long FID) keeps the last complete file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

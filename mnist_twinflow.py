@@ -68,7 +68,9 @@ parser.add_argument("--train-steps", type=int)
 parser.add_argument("--batch", type=int, help="global batch (split across DDP ranks)")
 parser.add_argument("--lr", type=float)
 parser.add_argument("--channels", help="UNet widths at 28, 14 and 7 pixels, e.g. 32,64,64")
-parser.add_argument("--ema", type=float, default=0.99)
+parser.add_argument("--ema", type=float, default=0.99,
+                    help="one EMA builds the targets and is sampled (a short run: a 0.9999 copy, as CIFAR "
+                         "and ImageNet sample, would barely move in 2,500 steps)")
 parser.add_argument("--kappa", type=float, default=0.5, help="enhanced-target guidance κ (0: off)")
 parser.add_argument("--order", type=int, default=2, help="N of the RCGM consistency target")
 parser.add_argument("--label-dropout", type=float, default=0.1, help="share of labels replaced by the null class")
@@ -110,9 +112,17 @@ def parse_args(argv=None):
         parser.error("--sample and --eval need --ckpt PATH")
     if args.num_eval < 2:
         parser.error(f"--num-eval must be at least 2 (a Fréchet distance needs a covariance), got {args.num_eval}")
-    for name in ("train_steps", "batch", "num_eval", "num", "nfe", "many_steps", "ckpt_every", "log_every", "order"):
+    for name in ("train_steps", "batch", "num_eval", "num", "nfe", "many_steps", "ckpt_every", "log_every", "order",
+                 "classifier_epochs"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.many_steps in (1, 2, 4):  # the many-step column would overwrite the jumps' column of that NFE
+        parser.error(f"--many-steps {args.many_steps}: 1, 2 and 4 NFE have columns of their own; pick another")
+    if args.lr <= 0:
+        parser.error(f"--lr must be > 0, got {args.lr}")
+    if not (args.sample or args.eval or args.resume) and os.path.exists(os.path.join(args.out, "checkpoint.pt")):
+        parser.error(f"--out {args.out} already holds a run's checkpoint: add --resume to continue it, "
+                     f"or pick another --out (a new run would overwrite it)")
     if not (0 <= args.ema < 1 and 0 <= args.label_dropout < 1):
         parser.error(f"--ema and --label-dropout must be in [0, 1), got {args.ema} and {args.label_dropout}")
     if args.kappa and not args.label_dropout and not (args.sample or args.eval):
@@ -311,7 +321,11 @@ def train(args, rank, world, device):
             torch.mps.set_rng_state(state["rng"]["mps"])
     if world > 1:  # each rank draws its own batches; exact resume holds for single-process runs
         torch.manual_seed(args.seed + 1000 * rank + step)
-    images, labels = load_mnist(args.data_root, train=True, download=not args.no_download)
+    if world > 1 and rank > 0:  # rank 0 downloads first (if it must); the others then read its files
+        dist.barrier()
+    images, labels = load_mnist(args.data_root, train=True, download=not args.no_download and rank == 0)
+    if world > 1 and rank == 0:
+        dist.barrier()
     images, labels = images.to(device), labels.to(device)
     net = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
     per_rank = args.batch // world
@@ -533,9 +547,11 @@ def report(model, method, args, device, extra):
     write_grids(model, method, args.out, args.many_steps, args.seed + 2, metrics)
     result = {"method": method, "metric": "accuracy of the intended class by a CNN classifier; Fréchet "
               "distance in its 128-d features to the MNIST test split", "num_eval": args.num_eval,
-              "device": str(device), **extra, **metrics}
-    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+              "seed": args.seed, "device": str(device), **extra, **metrics}
+    path = os.path.join(args.out, "metrics.json")
+    with open(path + ".tmp", "w") as f:  # atomically: a crash mid-write keeps the last complete file
         json.dump(result, f, indent=2)
+    os.replace(path + ".tmp", path)
     print(f"\n{'NFE':>5} {'accuracy':>9} {'FD':>8}")
     for nfe in ["data", 1, 2, 4, args.many_steps]:
         row = metrics[f"nfe{nfe}" if nfe != "data" else "data"]
@@ -569,26 +585,28 @@ def main(argv=None):
             torch.save({"samples": samples, "labels": labels}, path)
             print(f"wrote {args.out}/grids.png and {path}: {tuple(samples.shape)} in [-1, 1]")
         if args.eval:
-            extra = {"checkpoint": args.ckpt, "step": state["step"]}
+            extra = {"checkpoint": args.ckpt, "steps": state["step"], "weights": f"EMA {state['config']['ema']}"}
             if "seconds" in state:  # the checkpoint's training time, so benchmarks/mnist_table.py can show it
                 extra["train_seconds"] = round(state["seconds"], 1)
             return report(model, method, args, device, extra)
         return None
 
     rank, world, device = setup_distributed(args)
-    if args.batch // world < 4:
-        parser.error(f"--batch {args.batch} over {world} rank(s): each needs at least 4 (twinflow splits in 4)")
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-    ema, logs, step, seconds = train(args, rank, world, device)
+    try:  # (the process group is torn down on every exit: a NaN stop, Ctrl-C, a bad flag)
+        if args.batch // world < 4:
+            parser.error(f"--batch {args.batch} over {world} rank(s): each needs at least 4 (twinflow splits in 4)")
+        if rank == 0:
+            os.makedirs(args.out, exist_ok=True)
+        ema, logs, step, seconds = train(args, rank, world, device)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
     seconds = round(seconds, 1)  # training only, summed over every --resume
-    if world > 1:
-        dist.destroy_process_group()
     if rank != 0:
         return None
     plot_losses(os.path.join(args.out, "losses.png"), logs)
     return report(ema.eval(), args.method, args, device,
-                  {"train_seconds": seconds, "steps": step, "world_size": world,
+                  {"train_seconds": seconds, "steps": step, "weights": f"EMA {args.ema}", "world_size": world,
                    "config": {k: v for k, v in vars(args).items()}})
 
 

@@ -61,7 +61,8 @@ def test_missing_data_is_a_one_line_error(tmp_path):
 
 def test_bad_flags_are_refused(data_root, tmp_path):
     for flags in (["--kappa", "0.5"], ["--channels", "20"], ["--mult", "1,x"], ["--fid"], ["--batch", "2"],
-                  ["--channels", "224", "--attn-res", "32"], ["--mult", "1,7"], ["--num-fid", "1"], ["--target-ema", "1"]):
+                  ["--channels", "224", "--attn-res", "32"], ["--mult", "1,7"], ["--num-fid", "1"], ["--target-ema", "1"],
+                  ["--many-steps", "2"], ["--lr", "0"], ["--clip", "-1"], ["--dropout", "1.5"]):
         with pytest.raises(SystemExit) as e:
             cifar_twinflow.main(tiny(data_root, tmp_path / "o") + flags)
         assert e.value.code == 2, flags
@@ -175,6 +176,9 @@ def test_resume_keeps_the_runs_settings_and_refuses_another_method_or_preset(dat
     cifar_twinflow.main(tiny(data_root, out, "--resume", "--train-steps", "4", "--lr", "1e-5"))
     assert "resume with --train-steps 4 (the run's: 3), --lr 1e-05 (the run's: 0.0003)" in capsys.readouterr().out
     assert saved()["opt"]["param_groups"][0]["lr"] == 1e-5 and saved()["step"] == 4
+    with pytest.raises(SystemExit) as e:  # a new run would overwrite the checkpoint: --resume, or another --out
+        cifar_twinflow.main(tiny(data_root, out, "--train-steps", "2"))
+    assert e.value.code == 2 and saved()["step"] == 4
 
 def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(data_root, tmp_path, monkeypatch):
     original = cifar_twinflow.training_loss
@@ -289,3 +293,4 @@ def test_fid_code_path_with_a_stand_in_feature_extractor(data_root, tmp_path, mo
     saved = json.loads((tmp_path / "fid" / "fid.json").read_text())
     assert saved == result and np.isfinite(saved["fid"]) and saved["fid"] > 0
     assert saved["nfe"] == 2 and saved["num_samples"] == 24 and saved["weights"] == "EMA 0.9999"
+    assert saved["style"] == "any" and saved["seed"] == 0 and not (tmp_path / "fid" / "fid.json.tmp").exists()

@@ -107,10 +107,16 @@ def test_bad_flags_are_refused(assets, capsys):
                            (["--extract"], "--extract needs --image-dir"), (["--classes", "1,x"], "--classes"),
                            (["--order", "0"], "--order must be at least 1"),
                            (["--resolution", "24"], "--resolution 24: must be a multiple of 16"),  # 3×3 latents
-                           (["--fid", "--ckpt", "x.pt", "--fid-ref", "r.npz", "--num-fid", "1"], "--num-fid must be at least 2")):
+                           (["--fid", "--ckpt", "x.pt", "--fid-ref", "r.npz", "--num-fid", "1"], "--num-fid must be at least 2"),
+                           (["--many-steps", "4"], "have columns of their own"), (["--lr", "0"], "--lr and --clip"),
+                           (["--clip", "0"], "--lr and --clip"), (["--heads", "0"], "--heads must be at least 1")):
         with pytest.raises(SystemExit) as e:
             imagenet_twinflow.main(flags(assets) + extra)
         assert e.value.code == 2 and message in capsys.readouterr().err, extra
+    with pytest.raises(SystemExit):  # training reads --latents; --sample and --fid read the checkpoint only
+        imagenet_twinflow.parse_args(["--train-steps", "2"])
+    assert "--latents DIR is needed to train" in capsys.readouterr().err
+    assert imagenet_twinflow.parse_args(["--sample", "--ckpt", "x.pt"]).latents is None
 
 
 def test_the_tt_embedder_starts_as_the_t_embedder_and_the_sign_reaches_the_model():
@@ -213,7 +219,7 @@ def test_fid_uses_the_npz_statistics_when_it_has_them(assets, latents, tmp_path,
     monkeypatch.setattr(imagenet_twinflow, "fid_features", lambda: extractor)
     result = imagenet_twinflow.main(flags(assets, "--out", str(tmp_path / "f"), "--fid", "--ckpt",
                                           str(out / "checkpoint.pt"), "--fid-ref", str(tmp_path / "ref.npz"),
-                                          "--num-fid", "12", "--nfe", "2", "--many-steps", "2"))
+                                          "--num-fid", "12", "--nfe", "3", "--many-steps", "3"))
     fake = torch.cat(extractor.rows).numpy()
     assert fake.shape == (12, 8)  # the samples only: arr_0 never went through the extractor
     mu, sigma = fake.mean(0), np.cov(fake, rowvar=False)
@@ -264,6 +270,9 @@ def test_resume_keeps_the_runs_settings_and_refuses_another_method_or_model(asse
     imagenet_twinflow.main(flags(assets, "--out", str(out), "--resume", "--lr", "1e-5"))  # flags(): --train-steps 4
     assert "--lr 1e-05 (the run's: 0.0003)" in capsys.readouterr().out
     assert saved()["opt"]["param_groups"][0]["lr"] == 1e-5 and saved()["step"] == 4
+    with pytest.raises(SystemExit) as e:  # a new run would overwrite the checkpoint: --resume, or another --out
+        imagenet_twinflow.main(flags(assets, "--out", str(out)))
+    assert e.value.code == 2 and saved()["step"] == 4
 
 def test_a_crash_while_saving_keeps_the_last_checkpoint(assets, latents, tmp_path, monkeypatch):
     """A full disk in the middle of a save: the previous checkpoint is untouched and resumes."""

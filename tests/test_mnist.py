@@ -67,7 +67,8 @@ def test_missing_data_is_a_one_line_error_naming_the_flag(tmp_path):
 
 def test_bad_flags_are_refused(data_root, tmp_path):
     for flags in (["--channels", "8,16"], ["--batch", "2"], ["--sample"], ["--train-steps", "0"], ["--order", "0"],
-                  ["--ema", "1"], ["--label-dropout", "0"]):  # (the last: κ > 0 needs a trained null class)
+                  ["--ema", "1"], ["--label-dropout", "0"],  # (the last: κ > 0 needs a trained null class)
+                  ["--many-steps", "4"], ["--lr", "0"], ["--classifier-epochs", "0"]):
         with pytest.raises(SystemExit) as e:
             mnist_twinflow.main(tiny(data_root, tmp_path / "o") + flags)
         assert e.value.code == 2, flags  # argparse's usage error
@@ -216,6 +217,9 @@ def test_resume_keeps_the_runs_settings_unless_given_again(data_root, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["steps"] == 3
     mnist_twinflow.main(tiny(data_root, out, "--resume", "--lr", "1e-5"))
     assert saved()["opt"]["param_groups"][0]["lr"] == 1e-5 and saved()["step"] == 4
+    with pytest.raises(SystemExit) as e:  # a new run would overwrite the checkpoint: --resume, or another --out
+        mnist_twinflow.main(tiny(data_root, out, "--train-steps", "2"))
+    assert e.value.code == 2 and saved()["step"] == 4
 
 
 def test_label_dropout_and_the_null_class_reach_the_loss(data_root, tmp_path, monkeypatch):
@@ -260,8 +264,10 @@ def test_eval_of_a_checkpoint_writes_metrics_the_table_reads(data_root, tmp_path
     mnist_twinflow.main(tiny(data_root, tmp_path / "e", "--eval", "--ckpt", str(out / "checkpoint.pt")))
     evaluated = json.loads((tmp_path / "e" / "metrics.json").read_text())
     trained = json.loads((out / "metrics.json").read_text())
-    assert evaluated["step"] == 2 and evaluated["train_seconds"] == round(seconds, 1) == trained["train_seconds"]
-    assert evaluated["nfe1"] == trained["nfe1"]  # the same EMA, the same seeded noise and evaluator
+    assert evaluated["steps"] == 2 and evaluated["train_seconds"] == round(seconds, 1)  # the checkpoint's time
+    assert evaluated["weights"] == trained["weights"] == "EMA 0.99"
+    for key in ("accuracy", "fd"):  # the same EMA, the same seeded noise and evaluator (not the same timing)
+        assert evaluated["nfe1"][key] == trained["nfe1"][key]
     rows = mnist_table.table([str(out), str(tmp_path / "e")]).splitlines()
     assert rows[0].endswith("| FD 1 NFE ÷ FD 3 NFE |") and rows[2] == rows[3]  # both rows: rcgm, same numbers
     with pytest.raises(SystemExit, match="no_such_run.*not a readable metrics.json"):
