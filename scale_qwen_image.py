@@ -18,6 +18,7 @@ their activations in backward, and checkpoints are sharded (torch.distributed.ch
     # 3. consolidated weights (one process, CPU is enough), then 1, 2, 4-NFE images
     python scale_qwen_image.py --export out/qwen_twinflow/export --out out/qwen_twinflow
     python scale_qwen_image.py --sample --ckpt out/qwen_twinflow/export --prompts "a red fox in snow|a bowl of ramen"
+    # (the images go to out/qwen_twinflow/export_samples/ unless --out is given)
 
 --data: a folder of images with captions in same-named .txt files, or a JSONL manifest of
 {"image": path (relative to the manifest), "caption": text}. --cache gets shard_NNNNN.pt files of
@@ -80,8 +81,9 @@ parser.add_argument("--batch", type=int, default=32, help="global batch (split a
 parser.add_argument("--lr", type=float, default=1e-5)
 parser.add_argument("--ema", type=float, default=0.0,
                     help="EMA decay; 0 (the authors' 20B setting): no copy, the model builds its own targets")
-parser.add_argument("--kappa", type=float, default=0.8, help="enhanced-target guidance κ (0: off)")
-parser.add_argument("--rectify-weight", type=float, default=0.5)
+parser.add_argument("--kappa", type=float, default=0.8,
+                    help="enhanced-target guidance κ (0: off); 0.8 in the authors' SD3.5 and Qwen-Image configs")
+parser.add_argument("--rectify-weight", type=float, default=0.5, help="L_rectify's weight (the authors': 0.5)")
 parser.add_argument("--order", type=int, default=2, help="N of the RCGM consistency target")
 parser.add_argument("--text-dropout", type=float, default=0.1, help="share of captions replaced by the empty prompt")
 parser.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
@@ -89,7 +91,8 @@ parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=Tru
                     help="bf16 compute (FSDP2 mixed precision under torchrun; else autocast on CUDA)")
 parser.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True,
                     help="recompute each block's activations in backward")
-parser.add_argument("--out", default="out/qwen_twinflow")
+parser.add_argument("--out", default=None,
+                    help="the run's folder (default: out/qwen_{method}); --sample: default {--ckpt}_samples")
 parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
 parser.add_argument("--ckpt-every", type=int, default=500)
 parser.add_argument("--keep", type=int, default=2, help="checkpoints kept (each is 12 bytes/parameter, 16 with --ema)")
@@ -111,6 +114,9 @@ def parse_args(argv=None):
     unset = argparse.Namespace(**{key: None for key in vars(args)})  # (--resume: what was given again)
     given_again = vars(parser.parse_known_args(argv, unset)[0])
     args.given = sorted(key for key, value in given_again.items() if value is not None)
+    if args.sample and args.ckpt and not args.out:  # beside the export, named after it: not into a run
+        args.out = os.path.abspath(args.ckpt).rstrip(os.sep) + "_samples"
+    args.out = args.out or f"out/qwen_{args.method}"
     if args.resume:  # continue the run with its own settings, but for the flags given again (checked below)
         found = checkpoint_dirs(args.out)
         if not found:
@@ -133,6 +139,12 @@ def parse_args(argv=None):
     if not (0 <= args.ema < 1 and 0 <= args.text_dropout < 1):
         parser.error(f"--ema and --text-dropout must be in [0, 1), got {args.ema} and {args.text_dropout}")
     training = not (args.plan or args.precompute or args.export or args.sample)
+    if training and not args.resume and checkpoint_dirs(args.out):  # its checkpoints would sort among
+        parser.error(f"--out {args.out} already holds a run's checkpoints: add --resume to continue it, "  # ours
+                     f"or pick another --out (the --keep clean-up would delete the new run's)")
+    if args.lr <= 0 or args.clip <= 0 or args.rectify_weight < 0 or args.pipeline_steps < 0:
+        parser.error(f"--lr and --clip must be > 0, --rectify-weight and --pipeline-steps ≥ 0; got {args.lr}, "
+                     f"{args.clip}, {args.rectify_weight}, {args.pipeline_steps}")
     if args.kappa and not args.text_dropout and training:
         parser.error("--kappa needs --text-dropout > 0: the enhanced target reads the empty prompt, "
                      "which only dropout trains")
@@ -617,7 +629,7 @@ def checkpoint_dirs(out):
     return sorted(glob.glob(os.path.join(out, "checkpoints", "step_" + "[0-9]" * 7)))
 
 
-def save_checkpoint(args, model, ema, opt, step, logs, rank, world):
+def save_checkpoint(args, model, ema, opt, step, logs, rank, world, seconds):
     """Every rank writes its shards into step_N.tmp/; rank 0 renames it to step_N/ once all are done."""
     final = os.path.join(args.out, "checkpoints", f"step_{step:07d}")
     tmp = final + ".tmp"
@@ -640,7 +652,7 @@ def save_checkpoint(args, model, ema, opt, step, logs, rank, world):
                    os.path.join(tmp, f"rng_rank{rank}.pt"))
         if rank == 0:
             with open(os.path.join(tmp, "train_state.json"), "w") as f:
-                json.dump({"step": step, "logs": logs, "world": world, "ema": ema is not None,
+                json.dump({"step": step, "logs": logs, "world": world, "ema": ema is not None, "seconds": seconds,
                            "config": vars(args), "transformer_config": dict(model.config)}, f, indent=1)
     except (Exception, CheckpointException) as e:  # a full disk, a lost mount. (DCP's exception is a
         # BaseException that wraps each rank's traceback: keep the root cause, on one line)
@@ -677,9 +689,9 @@ THIS_INVOCATION = ("out", "resume", "device", "cache", "plan", "gpu_memory", "pr
 
 def resume_settings(args, config, path):
     """--resume continues the checkpoint's run: every setting not given on this command line takes the
-    run's value. A different --method or --ema (whether the checkpoint holds an EMA) is refused; any
-    other flag given again (a longer --train-steps, a new --lr, --model at another path) wins, and is
-    reported."""
+    run's value. A different --method, or an --ema that adds or drops the EMA copy, is refused; any
+    other flag given again (a longer --train-steps, a new --lr or EMA decay, --model at another path)
+    wins, and is reported."""
     changed = []
     for key, saved in config.items():
         if key in THIS_INVOCATION or not hasattr(args, key):
@@ -687,7 +699,7 @@ def resume_settings(args, config, path):
         if key not in args.given:
             setattr(args, key, saved)
         elif saved != getattr(args, key):
-            if key in ("method", "ema"):
+            if key == "method" or (key == "ema" and (saved > 0) != (getattr(args, key) > 0)):
                 raise SystemExit(f"error: --resume {path}: trained with --{key} {saved}, not {getattr(args, key)}")
             changed.append(f"--{key.replace('_', '-')} {getattr(args, key)} (the run's: {saved})")
     if changed and int(os.environ.get("RANK", 0)) == 0:
@@ -745,6 +757,9 @@ def train(args, rank, world, device):
             for group in opt.param_groups:
                 group["lr"] = args.lr
         last_saved = (step, found[-1])
+    seconds_before = read_train_state(found[-1]).get("seconds", 0.0) if args.resume else 0.0
+    started = time.time()
+    seconds = lambda: seconds_before + time.time() - started  # training time, summed over every --resume
     velocity = velocity_fn(model, cache.meta["grid"])
     target_model = velocity_fn(ema, cache.meta["grid"]) if ema is not None else velocity
     null_text = cache.null.to(device)
@@ -799,7 +814,7 @@ def train(args, rank, world, device):
                 logs.append({"step": step, **{k: v.item() / world for k, v in terms.items()}})
                 bar.set_postfix(loss=f"{logs[-1]['loss']:.4f}", refresh=False)
             if (step + 1) % args.ckpt_every == 0:
-                last_saved = (step + 1, save_checkpoint(args, model, ema, opt, step + 1, logs, rank, world))
+                last_saved = (step + 1, save_checkpoint(args, model, ema, opt, step + 1, logs, rank, world, seconds()))
         else:
             step = max(step, args.train_steps)  # (a resumed run may already be past --train-steps)
     finally:
@@ -809,12 +824,12 @@ def train(args, rank, world, device):
     if last_saved and last_saved[0] == step:  # already on disk (--ckpt-every, or a resume at the end): not twice
         path = last_saved[1]
     else:
-        path = save_checkpoint(args, model, ema, opt, step, logs, rank, world)
+        path = save_checkpoint(args, model, ema, opt, step, logs, rank, world, seconds())
     if interrupted and step < args.train_steps:
         if rank == 0:  # `step` is the first step not taken: resume starts there
             print(f"\ninterrupted: saved step {step} to {path}; continue with --resume")
         raise SystemExit(130)
-    return logs, path
+    return logs, path, seconds()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -912,10 +927,9 @@ def main(argv=None):
             return precompute(args, rank, world, device)
         if args.batch // world < 4:
             parser.error(f"--batch {args.batch} over {world} rank(s): each needs at least 4 (twinflow splits in 4)")
-        start = time.time()
-        logs, path = train(args, rank, world, device)
+        logs, path, seconds = train(args, rank, world, device)
         if rank == 0:
-            print(f"trained to {path} in {time.time() - start:.0f} s")
+            print(f"trained to {path}: {seconds:.0f} s of training (summed over every --resume)")
         return logs
     finally:
         if dist.is_initialized():

@@ -344,8 +344,19 @@ def test_a_corrupt_checkpoint_is_a_clear_error(assets, cache, trained, tmp_path)
         open(shard, "r+b").truncate(100)
     with pytest.raises(SystemExit, match="unreadable checkpoint"):
         sq.main(train_flags(assets, cache, tmp_path / "run", 4, "--ema", "0.9", "--resume"))
-    with pytest.raises(SystemExit, match="trained with --ema 0.9, not 0.0"):
+    with pytest.raises(SystemExit, match="trained with --ema 0.9, not 0.0"):  # dropping the EMA copy: refused
         sq.main(train_flags(assets, cache, assets / "split", 4, "--ema", "0", "--resume"))
+
+
+def test_resume_takes_a_new_ema_decay_and_a_fresh_run_will_not_share_a_folder(assets, cache, trained, capsys):
+    sq.main(train_flags(assets, cache, assets / "split", 3, "--ema", "0.95", "--resume"))  # at step 3: no step
+    assert "resume with --ema 0.95 (the run's: 0.9)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:  # its checkpoints would sort among the old run's, and --keep delete them
+        sq.main(train_flags(assets, cache, assets / "split", 4))
+    assert e.value.code == 2 and "already holds a run's checkpoints" in capsys.readouterr().err
+    assert sq.read_train_state(sq.checkpoint_dirs(str(assets / "split"))[-1])["seconds"] > 0  # kept over restarts
+    assert sq.parse_args(["--sample", "--ckpt", "runs/export"]).out == os.path.abspath("runs/export") + "_samples"
+    assert sq.parse_args(["--plan", "8", "--method", "rcgm"]).out == "out/qwen_rcgm"
 
 
 def test_a_non_finite_loss_stops_with_an_error_and_keeps_the_checkpoint(assets, cache, tmp_path, monkeypatch):
