@@ -472,7 +472,10 @@ def train(args, rank, world, device):
             update_ema(ema, model, args.ema, step)
             update_ema(target_ema, model, args.target_ema, step)
             if step % args.log_every == 0:
-                logs.append({"step": step, **{k: v.item() for k, v in terms.items()}})
+                if world > 1:  # the mean over ranks, for the log (gloo has no AVG)
+                    for value in terms.values():
+                        dist.all_reduce(value)
+                logs.append({"step": step, **{k: v.item() / world for k, v in terms.items()}})
                 bar.set_postfix(loss=f"{logs[-1]['loss']:.3f}", refresh=False)
             if rank == 0 and (step + 1) % args.ckpt_every == 0:
                 save_checkpoint(path, model, ema, target_ema, opt, step + 1, logs, args, seconds())

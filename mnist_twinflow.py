@@ -365,7 +365,10 @@ def train(args, rank, world, device):
             opt.step()
             update_ema(ema, model, args.ema, step)
             if step % args.log_every == 0:
-                logs.append({"step": step, **{k: v.item() for k, v in terms.items()}})
+                if world > 1:  # the mean over ranks, for the log (gloo has no AVG)
+                    for value in terms.values():
+                        dist.all_reduce(value)
+                logs.append({"step": step, **{k: v.item() / world for k, v in terms.items()}})
                 bar.set_postfix(loss=f"{logs[-1]['loss']:.3f}", refresh=False)
             if rank == 0 and (step + 1) % args.ckpt_every == 0:
                 save_checkpoint(path, model, ema, opt, step + 1, logs, args, seconds())
