@@ -292,5 +292,15 @@ def test_fid_code_path_with_a_stand_in_feature_extractor(data_root, tmp_path, mo
                                       "--nfe", "2", "--num-fid", "24"))
     saved = json.loads((tmp_path / "fid" / "fid.json").read_text())
     assert saved == result and np.isfinite(saved["fid"]) and saved["fid"] > 0
+    # The FID is the EMA's, against the training split: zeroing the trained model changes nothing
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    state["model"] = {k: torch.zeros_like(v) for k, v in state["model"].items()}
+    torch.save(state, tmp_path / "zeroed.pt")
+    splits, real_load = [], cifar_twinflow.load_cifar
+    monkeypatch.setattr(cifar_twinflow, "load_cifar", lambda root, train, **kw: splits.append(train) or
+                        real_load(root, train, **kw))
+    again = cifar_twinflow.main(tiny(data_root, tmp_path / "fid0", "--fid", "--ckpt", str(tmp_path / "zeroed.pt"),
+                                     "--nfe", "2", "--num-fid", "24"))
+    assert again["fid"] == saved["fid"] and splits == [True]
     assert saved["nfe"] == 2 and saved["num_samples"] == 24 and saved["weights"] == "EMA 0.9999"
     assert saved["style"] == "any" and saved["seed"] == 0 and not (tmp_path / "fid" / "fid.json.tmp").exists()

@@ -192,6 +192,51 @@ def test_train_resume_sample_and_fid(assets, latents, tmp_path, monkeypatch):
     assert np.isfinite(result["fid"]) and result["num_samples"] == 12
     assert result["reference_statistics"] == "npz arr_0 images (20)" and result["style"] == "any"
     assert json.loads((tmp_path / "f" / "fid.json").read_text()) == result
+    state = torch.load(ckpt, weights_only=False)  # the FID is the EMA's: zeroing the model changes nothing
+    state["model"] = {k: torch.zeros_like(v) for k, v in state["model"].items()}
+    torch.save(state, tmp_path / "zeroed.pt")
+    again = imagenet_twinflow.main(flags(assets, "--out", str(tmp_path / "f0"), "--fid", "--ckpt",
+                                         str(tmp_path / "zeroed.pt"), "--fid-ref", str(tmp_path / "ref.npz"),
+                                         "--num-fid", "12", "--nfe", "2"))
+    assert again["fid"] == result["fid"]
+
+
+def test_generate_undoes_the_vae_scaling_before_decoding():
+    """With F = 0 the 1-NFE latents are the noise z; a stand-in VAE decodes a latent to its first
+    three channels, so the images must be (z/scaling + 1)/2, clamped."""
+    class ZeroVelocity(torch.nn.Module):
+        channels, size = 4, 2
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x, t, tt, y):
+            return torch.zeros_like(x)
+
+    class FirstChannels:
+        def decode(self, latents):
+            return type("Decoded", (), {"sample": latents[:, :3]})
+
+    labels = torch.arange(5)
+    images = imagenet_twinflow.generate(ZeroVelocity(), FirstChannels(), {"scaling_factor": 4.0}, "twinflow",
+                                        labels, 1, 32, torch.Generator().manual_seed(0))
+    z = torch.randn(5, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(images, ((z[:, :3] / 4 + 1) / 2).clamp(0, 1))
+
+
+def test_dropped_labels_become_the_null_class_past_the_last_real_one(assets, latents, tmp_path, monkeypatch):
+    seen, real = [], imagenet_twinflow.training_loss
+
+    def spy(*args, cond, null_cond, **kwargs):
+        seen.append((cond["y"].clone(), null_cond["y"].clone()))
+        return real(*args, cond=cond, null_cond=null_cond, **kwargs)
+    monkeypatch.setattr(imagenet_twinflow, "training_loss", spy)
+    record = imagenet_twinflow.main(flags(assets, "--out", str(tmp_path / "o"), "--label-dropout", "0.5"))
+    classes = record["latents"]["num_classes"]
+    labels = torch.cat([y for y, _ in seen])
+    assert all((null == classes).all() for _, null in seen)  # a class of its own, not a real one
+    assert (labels == classes).any() and (labels < classes).any() and labels.max() == classes
 
 
 class RecordingFeatures(TinyFeatures):

@@ -55,7 +55,7 @@ def tiny(data_root, out, *extra):
 def test_loader_reads_the_idx_files(data_root):
     images, labels = mnist_twinflow.load_mnist(data_root, train=True, download=False)
     assert images.shape == (64, 1, 28, 28) and labels.tolist() == [i % 10 for i in range(64)]
-    assert images.min() >= -1 and images.max() == 1
+    assert images.min() == -1 and images.max() == 1  # [−1, 1]: black pixels are −1, the bars +1
 
 
 def test_missing_data_is_a_one_line_error_naming_the_flag(tmp_path):
@@ -225,15 +225,38 @@ def test_resume_keeps_the_runs_settings_unless_given_again(data_root, tmp_path):
 def test_label_dropout_and_the_null_class_reach_the_loss(data_root, tmp_path, monkeypatch):
     seen, real = [], mnist_twinflow.training_loss
 
-    def spy(*args, cond, null_cond, **kwargs):
-        seen.append((cond["y"].clone(), null_cond["y"].clone()))
-        return real(*args, cond=cond, null_cond=null_cond, **kwargs)
+    def spy(model, ema, x, *args, cond, null_cond, **kwargs):
+        seen.append((cond["y"].clone(), null_cond["y"].clone(), x.clone()))
+        return real(model, ema, x, *args, cond=cond, null_cond=null_cond, **kwargs)
     monkeypatch.setattr(mnist_twinflow, "training_loss", spy)
     mnist_twinflow.main(tiny(data_root, tmp_path / "o", "--batch", "64", "--label-dropout", "0.5"))
-    labels = torch.cat([y for y, _ in seen])
-    assert all((null == 10).all() for _, null in seen)  # guidance reads the null class
+    labels = torch.cat([y for y, _, _ in seen])
+    for y, _, x in seen:  # each label stays with its image: the class is the row of the bright bar
+        kept = y != 10
+        bars = x[kept, 0][torch.arange(int(kept.sum())), 4 + 2 * y[kept], 4:24]
+        assert (bars == 1).all()
+    assert all((null == 10).all() for _, null, _ in seen)  # guidance reads the null class
     assert 0.35 < (labels == 10).float().mean() < 0.65  # half the labels dropped (256 draws)
     assert set(labels[labels != 10].tolist()) <= set(range(10))
+
+
+def test_the_ema_follows_the_updated_weights_and_every_save_holds_its_steps_ema(data_root, tmp_path, monkeypatch):
+    """update_ema after opt.step, with the warm-up decay min(ema, step/(step + 10)); --ckpt-every
+    saves after the EMA update, at steps k·every (not one early)."""
+    load = lambda out: torch.load(out / "checkpoint.pt", weights_only=False)
+    mnist_twinflow.main(tiny(data_root, tmp_path / "one", "--train-steps", "1", "--ema", "0.5"))
+    mnist_twinflow.main(tiny(data_root, tmp_path / "two", "--train-steps", "2", "--ema", "0.5"))
+    one, two = load(tmp_path / "one"), load(tmp_path / "two")
+    for name, value in one["model"].items():
+        assert torch.equal(one["ema"][name], value)  # step 0: decay 0, the EMA is the stepped model
+        expected = torch.lerp(value, two["model"][name], 1 - 1 / 11) if value.is_floating_point() else value
+        torch.testing.assert_close(two["ema"][name], expected)  # step 1: decay 1/11
+    saves, real_save = [], mnist_twinflow.save_checkpoint
+    monkeypatch.setattr(mnist_twinflow, "save_checkpoint", lambda *a: saves.append(a[4]) or real_save(*a))
+    mnist_twinflow.main(tiny(data_root, tmp_path / "every", "--train-steps", "2", "--ema", "0.5", "--ckpt-every", "1"))
+    every = load(tmp_path / "every")
+    assert saves == [1, 2] and every["logs"] == two["logs"]
+    assert all(torch.equal(every["ema"][k], v) for k, v in two["ema"].items())
 
 
 def test_sampling_reads_the_ema_not_the_model_being_trained(data_root, tmp_path):

@@ -390,6 +390,15 @@ def test_a_crash_while_saving_keeps_the_last_checkpoint(assets, cache, tmp_path,
     assert sorted(os.listdir(run / "checkpoints")) == ["step_0000001", "step_0000002"]
 
 
+def test_text_dropout_drops_that_share_of_captions(assets, cache, tmp_path, monkeypatch):
+    drops, real = [], sq.Cache.batch
+    monkeypatch.setattr(sq.Cache, "batch", lambda self, index, drop, device: drops.append(drop) or
+                        real(self, index, drop, device))
+    sq.main(train_flags(assets, cache, tmp_path / "run", 8, "--text-dropout", "0.25"))
+    share = torch.cat(drops).float().mean()
+    assert len(drops) == 8 and 0 < share < 0.5  # 32 captions at 0.25 (a flipped comparison drops 75 %)
+
+
 def test_an_infinite_gradient_stops_before_the_update(assets, cache, tmp_path, monkeypatch):
     monkeypatch.setattr(sq, "training_loss", infinite_gradient(sq.training_loss))
     with counting_optimizer_steps() as steps, pytest.raises(SystemExit, match="gradient norm is (inf|nan) at step 0"):
