@@ -289,7 +289,7 @@ def update_ema(ema_model, model, decay, step=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# The UCGM-style sampler (UCGM: Unified Continuous Generative Models, the same group's sampler)
+# The UCGM-style sampler (UCGM: Unified Continuous Generative Models, by some of the same authors)
 # ----------------------------------------------------------------------------------------------
 def time_grid(steps, gap=(0.0, 0.0), kumaraswamy=(1.0, 1.0, 1.0), device=None):
     """steps + 1 times from (about) 1 down to 0: 1 − K(linspace(g₀, 1 − g₁)) with the
