@@ -251,12 +251,13 @@ def test_the_ema_follows_the_updated_weights_and_every_save_holds_its_steps_ema(
         assert torch.equal(one["ema"][name], value)  # step 0: decay 0, the EMA is the stepped model
         expected = torch.lerp(value, two["model"][name], 1 - 1 / 11) if value.is_floating_point() else value
         torch.testing.assert_close(two["ema"][name], expected)  # step 1: decay 1/11
+    mnist_twinflow.main(tiny(data_root, tmp_path / "four", "--train-steps", "4", "--ema", "0.5"))
     saves, real_save = [], mnist_twinflow.save_checkpoint
     monkeypatch.setattr(mnist_twinflow, "save_checkpoint", lambda *a: saves.append(a[4]) or real_save(*a))
-    mnist_twinflow.main(tiny(data_root, tmp_path / "every", "--train-steps", "2", "--ema", "0.5", "--ckpt-every", "1"))
-    every = load(tmp_path / "every")
-    assert saves == [1, 2] and every["logs"] == two["logs"]
-    assert all(torch.equal(every["ema"][k], v) for k, v in two["ema"].items())
+    mnist_twinflow.main(tiny(data_root, tmp_path / "every", "--train-steps", "4", "--ema", "0.5", "--ckpt-every", "2"))
+    every, four = load(tmp_path / "every"), load(tmp_path / "four")
+    assert saves == [2, 4] and every["logs"] == four["logs"]  # step 4's save is the last: not written twice
+    assert all(torch.equal(every["ema"][k], v) for k, v in four["ema"].items())
 
 
 def test_sampling_reads_the_ema_not_the_model_being_trained(data_root, tmp_path):
