@@ -3,6 +3,8 @@ Only the test patches torchvision's md5 check (the tiny files cannot match the r
 import json
 import os
 import pickle
+import socket
+import subprocess
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ import torch
 import torch.nn as nn
 
 import cifar_twinflow
+from ddp_probe import check_two_ranks, probe_command
 from faults import counting_optimizer_steps, ctrl_c_during_call, failing_save, infinite_gradient, nan_loss
 
 
@@ -304,3 +307,17 @@ def test_fid_code_path_with_a_stand_in_feature_extractor(data_root, tmp_path, mo
     assert again["fid"] == saved["fid"] and splits == [True]
     assert saved["nfe"] == 2 and saved["num_samples"] == 24 and saved["weights"] == "EMA 0.9999"
     assert saved["style"] == "any" and saved["seed"] == 0 and not (tmp_path / "fid" / "fid.json.tmp").exists()
+
+
+def test_two_process_ddp_on_cpu(data_root, tmp_path):
+    """Two gloo ranks: batches of their own, gradients averaged (the same weights on both)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp"
+    command = probe_command("cifar_twinflow", tiny(data_root, out), port, skip_md5=True)
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "world size 2, global batch 8" in run.stdout
+    check_two_ranks(out, steps=3)

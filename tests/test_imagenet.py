@@ -11,7 +11,6 @@ import re  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 import types  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -21,6 +20,7 @@ import torch.nn as nn  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import imagenet_twinflow  # noqa: E402
+from ddp_probe import check_two_ranks, probe_command  # noqa: E402
 from faults import counting_optimizer_steps, ctrl_c_during_call, failing_save, infinite_gradient, nan_loss  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -361,11 +361,10 @@ def test_two_process_ddp_extract_resume_and_train(assets, tmp_path):
     single = {k: torch.load(lat / f"shard_0000{k}.pt")["latents"] for k in (0, 2)}
     for k in (0, 2):  # both were rank 0's under `k % world`; the other rank would idle at the barrier
         os.remove(lat / f"shard_0000{k}.pt")
-    base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    for extra in (extract, ["--out", str(out)]):
-        command = [*base, "--master_port", str(free_port()), os.path.join(ROOT, "imagenet_twinflow.py"),
-                   *flags(assets, "--latents", str(lat), "--train-steps", "2"), *extra]
+    for extra in (extract, ["--out", str(out)]):  # the probe keeps what each rank trained on, and its EMA
+        command = probe_command("imagenet_twinflow", flags(assets, "--latents", str(lat), "--train-steps", "2",
+                                                           *extra), free_port())
         run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
         assert run.returncode == 0, run.stderr[-2000:]
         if extra is extract:  # the 2 missing shards were split over the 2 ranks: rank 0 did 1
@@ -375,3 +374,4 @@ def test_two_process_ddp_extract_resume_and_train(assets, tmp_path):
     assert json.loads((lat / "meta.json").read_text())["shards"] == 3
     assert "world size 2, global batch 8" in run.stdout
     assert json.loads((out / "train.json").read_text())["world_size"] == 2
+    check_two_ranks(out, steps=2)  # batches of their own, gradients averaged (the same weights on both)

@@ -7,13 +7,13 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 import mnist_twinflow
+from ddp_probe import check_two_ranks, probe_command
 from faults import counting_optimizer_steps, ctrl_c_during_call, failing_save, infinite_gradient, nan_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -326,17 +326,18 @@ def free_port():
 
 
 def test_two_process_ddp_on_cpu(data_root, tmp_path):
+    """Two gloo ranks: batches of their own, gradients averaged (the same weights on both)."""
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-               os.path.join(ROOT, "mnist_twinflow.py"), *tiny(data_root, out, "--train-steps", "3")]
+    command = probe_command("mnist_twinflow", tiny(data_root, out, "--train-steps", "3"), free_port())
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-2000:]
     assert "world size 2, global batch 8" in run.stdout
     assert json.loads((out / "metrics.json").read_text())["world_size"] == 2
+    check_two_ranks(out, steps=3)
     assert sorted(os.listdir(out)) == sorted(["checkpoint.pt", "grids.png", "grid_nfe1.png", "grid_nfe2.png",
-                                              "grid_nfe4.png", "grid_nfe3.png", "losses.png", "metrics.json"])
+                                              "grid_nfe4.png", "grid_nfe3.png", "losses.png", "metrics.json",
+                                              "probe_rank0.pt", "probe_rank1.pt"])
 
 
 def test_the_evaluator_is_the_same_whatever_ran_before_it(data_root, tmp_path):

@@ -1,0 +1,71 @@
+"""Runs a training script's main() under torchrun and keeps what each rank saw, so that a test can
+check what a finished multi-process run cannot show on its own:
+
+- each rank trains on batches of its own (the same seed on every rank would repeat one batch),
+- the ranks' weights stay the same (a loss computed through the bare model instead of the DDP
+  wrapper never averages the gradients, so each rank drifts on its own batches).
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/ddp_probe.py mnist_twinflow [--skip-md5] [flags...]
+
+Each rank writes {--out}/probe_rank{rank}.pt: {"batches": the x of every training_loss call,
+"ema": the EMA's weights (when train() returns an EMA first)}.
+"""
+import importlib
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def probe_command(script, flags, port, skip_md5=False):
+    """The torchrun command that runs `script` (a module name) with `flags` through this probe.
+    skip_md5: pass torchvision's checksum of CIFAR's files (a tiny test CIFAR cannot match it)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(port), os.path.abspath(__file__), script, *(["--skip-md5"] if skip_md5 else []),
+            *flags]
+
+
+def check_two_ranks(out, steps):
+    """Both ranks took `steps` steps, each on batches of its own, and (when the script returns its
+    EMA) ended with the same weights."""
+    ranks = [torch.load(os.path.join(out, f"probe_rank{rank}.pt")) for rank in (0, 1)]
+    assert [len(r["batches"]) for r in ranks] == [steps, steps]
+    for step, (x0, x1) in enumerate(zip(ranks[0]["batches"], ranks[1]["batches"])):
+        assert x0.shape == x1.shape and not torch.equal(x0, x1), f"step {step}: both ranks trained on one batch"
+    if ranks[0]["ema"] is not None:
+        for name, weight in ranks[0]["ema"].items():
+            assert torch.equal(weight, ranks[1]["ema"][name]), f"{name}: the ranks' weights drifted apart"
+
+
+def run_main_recording(script_name, argv):
+    sys.path.insert(0, ROOT)
+    script = importlib.import_module(script_name)
+    batches = []
+    training_loss, train = script.training_loss, script.train
+
+    def recording_loss(model, ema_model, x, *args, **kwargs):
+        batches.append(x.detach().float().cpu().clone())
+        return training_loss(model, ema_model, x, *args, **kwargs)
+
+    def recording_train(args, rank, world, device):
+        result = train(args, rank, world, device)
+        ema = result[0] if isinstance(result[0], torch.nn.Module) else None
+        os.makedirs(args.out, exist_ok=True)
+        torch.save({"batches": batches,
+                    "ema": None if ema is None else {k: v.cpu() for k, v in ema.state_dict().items()}},
+                   os.path.join(args.out, f"probe_rank{rank}.pt"))
+        return result
+
+    script.training_loss, script.train = recording_loss, recording_train
+    script.main(argv)
+
+
+if __name__ == "__main__":
+    argv = sys.argv[2:]
+    if argv[:1] == ["--skip-md5"]:
+        import torchvision.datasets.cifar
+        torchvision.datasets.cifar.check_integrity = lambda *args, **kwargs: True
+        argv = argv[1:]
+    run_main_recording(sys.argv[1], argv)
