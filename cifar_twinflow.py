@@ -512,7 +512,7 @@ def generate(model, method, labels, nfe, many_steps, generator, batch=500):
     for y in labels.split(batch):
         z = torch.randn(len(y), 3, 32, 32, generator=generator).to(device)
         cond = {"y": y.to(device)} if model.label is not None else {}
-        out.append(sample(model, z, steps=nfe, style=style, **cond).clamp(-1, 1).cpu())
+        out.append(sample(model, z, steps=nfe, style=style, cond=cond).clamp(-1, 1).cpu())
     return torch.cat(out)
 
 

@@ -19,7 +19,8 @@ The model contract
   velocity, (t, tt) = (1, 0) for a one-step sample.
 * From any prediction: x̂ = x_t − |t|·F (data), ẑ = x_t + (1 − |t|)·F (noise), and the jump lands
   on x_tt = |tt|·ẑ + (1 − |tt|)·x̂.
-* cond: keyword arguments (class labels, text embeddings). Tensor values must be batched on dim 0
+* cond: a dict of the model's keyword arguments (class labels, text embeddings), passed to
+  training_loss and sample alike as cond={"y": y}. Tensor values must be batched on dim 0
   (B rows, like x) and are sliced along with x; anything else (a Python flag) is passed through.
 * Batches must be shuffled: training_loss gives each job a contiguous slice of the batch (below),
   so a class-sorted batch would give the one-step part only the first classes.
@@ -30,8 +31,7 @@ Usage (the training loop of every script)
 -----------------------------------------
     loss, logs = training_loss(model, ema, x, method="twinflow", cond={"y": y})
     opt.zero_grad(); loss.backward(); opt.step(); update_ema(ema, model, 0.99, step)
-    images = sample(ema, torch.randn_like(x), steps=1, y=y)   # one network call
-(sample takes cond as keyword arguments; training_loss as a dict, because it also takes null_cond.)
+    images = sample(ema, torch.randn_like(x), steps=1, cond={"y": y})   # one network call
 """
 import torch
 
@@ -304,7 +304,7 @@ def time_grid(steps, gap=(0.0, 0.0), kumaraswamy=(1.0, 1.0, 1.0), device=None):
 
 @torch.no_grad()
 def sample(model, z, steps=1, style="few", stochastic_ratio=0.0, order=1, gap=(0.0, 0.0),
-           kumaraswamy=(1.0, 1.0, 1.0), fake=False, return_trajectory=False, **cond):
+           kumaraswamy=(1.0, 1.0, 1.0), fake=False, return_trajectory=False, cond=None):
     """Generate from noise z. NFE = steps (order 1) or 2·steps − 1 (order 2).
 
     style: which jump the network is asked for at each grid time t_c (next grid time t_n)
@@ -318,13 +318,14 @@ def sample(model, z, steps=1, style="few", stochastic_ratio=0.0, order=1, gap=(0
     already ask for a whole jump; averaging it with an instantaneous velocity is no Heun step and
     makes an exact any-step model worse (max error 1.8e-7 → 0.10 on a Gaussian flow, 4 steps).
     fake=True runs the twin trajectory (negative times): where the model's own samples come from.
+    cond: the model's keyword arguments as a dict, e.g. {"y": labels} (as for training_loss).
     1 NFE from t = 1 returns x̂ = z − F(z, 1, 0), the one-step generator."""
     if style not in ("few", "any", "mul") or order not in (1, 2):
         raise ValueError(f"style must be few|any|mul and order 1|2, got {style!r}, {order}")
     if order == 2 and style != "mul":
         raise ValueError(f"order=2 is Heun's method on the instantaneous velocity: use style='mul', "
                          f"not {style!r}")
-    sign, B, s = (-1.0 if fake else 1.0), z.shape[0], stochastic_ratio
+    sign, B, s, cond = (-1.0 if fake else 1.0), z.shape[0], stochastic_ratio, cond or {}
     grid = time_grid(steps, gap, kumaraswamy, device=z.device)
     x, trajectory = z.float(), [z.float()]
     for i in range(steps):

@@ -555,7 +555,7 @@ def generate(model, vae, meta, method, labels, nfe, many_steps, generator, batch
     out = []
     for y in labels.split(batch):
         z = torch.randn(len(y), model.channels, model.size, model.size, generator=generator).to(device)
-        latents = sample(model, z, steps=nfe, style=style, y=y.to(device))
+        latents = sample(model, z, steps=nfe, style=style, cond={"y": y.to(device)})
         images = vae.decode(latents / meta["scaling_factor"]).sample
         out.append(((images.float() + 1) / 2).clamp(0, 1).cpu())
     return torch.cat(out)

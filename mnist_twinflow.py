@@ -405,7 +405,7 @@ def generate(model, method, labels, nfe, many_steps, seed, batch=500):
     out = []
     for y in labels.split(batch):
         z = torch.randn(len(y), 1, 28, 28, generator=generator).to(device)
-        out.append(sample(model, z, steps=nfe, style=style, y=y.to(device)).clamp(-1, 1).cpu())
+        out.append(sample(model, z, steps=nfe, style=style, cond={"y": y.to(device)}).clamp(-1, 1).cpu())
     return torch.cat(out)
 
 

@@ -895,7 +895,7 @@ def sample_images(args, device):
     for nfe in [int(k) for k in args.nfe.split(",")]:
         # 1 NFE: x̂ = z − F(z, 1, 0). More: predict x̂ at each grid time and re-noise (stochastic ratio 1).
         latents = sample(velocity, noise, steps=nfe, style="few", stochastic_ratio=1.0 if nfe > 1 else 0.0,
-                         gap=GAPS.get(nfe, (0.001, 0.0)), text=text, text_mask=text_mask)
+                         gap=GAPS.get(nfe, (0.001, 0.0)), cond={"text": text, "text_mask": text_mask})
         written[f"nfe{nfe}"] = decode_latents(pipe.vae, latents, args.resolution, pipe.vae_scale_factor).cpu()
     # The pipeline's own flow-matching sampler (tt = t), the many-step reference. No CFG: training with
     # κ > 0 baked guidance into the model, and guiding again would count it twice.

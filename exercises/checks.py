@@ -243,7 +243,7 @@ def check_sample_heun(sample_heun):
         expect(all(close(c["tt"], c["t"]) and bool((c["t"] > 0).all()) for c in model.calls),
                "times: on the real trajectory call the model with t > 0 and tt = t")
         expect(torch.is_tensor(x) and x.shape == z.shape, f"shape: return x shaped like z {tuple(z.shape)}")
-        expected = common.sample(model, z, steps=steps, style="mul", order=2, y=y)
+        expected = common.sample(model, z, steps=steps, style="mul", order=2, cond={"y": y})
         expect(close(x, expected, 1e-4), f"steps={steps}: differs from the reference by up to "
                                           f"{(x - expected).abs().max():.3g}; check the grid 1 − i/steps and the average")
 

@@ -439,7 +439,7 @@ def test_a_bf16_model_trains_and_samples_on_bf16_data():
                                     rectify_with_ema=rectify_with_ema)
             loss.backward()
             assert loss.dtype == torch.float32 and torch.isfinite(loss)
-    out = sample(model, torch.randn(8, 2, dtype=torch.bfloat16), steps=3, style="mul", order=2, y=y)
+    out = sample(model, torch.randn(8, 2, dtype=torch.bfloat16), steps=3, style="mul", order=2, cond={"y": y})
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
 
 
@@ -459,6 +459,18 @@ def test_one_step_sample_from_t1_returns_x_hat():
     z = torch.randn(8, 2)
     expected = z - model(z, torch.ones(8), torch.zeros(8))
     torch.testing.assert_close(sample(model, z, steps=1), expected.detach())
+
+
+def test_conditioning_reaches_every_call_even_under_a_name_sample_also_uses():
+    """cond is a dict, so a model input named like one of sample's own arguments reaches the model."""
+    seen = []
+
+    def model(x_t, t, tt, style=None, order=None):
+        seen.append((style, order))
+        return torch.zeros_like(x_t)
+    style, order = torch.ones(8), torch.zeros(8)
+    sample(model, torch.randn(8, 2), steps=3, style="mul", order=2, cond={"style": style, "order": order})
+    assert len(seen) == 5 and all(s is style and o is order for s, o in seen)
 
 
 @pytest.mark.parametrize("steps,order,nfe", [(1, 1, 1), (4, 1, 4), (1, 2, 1), (4, 2, 7)])

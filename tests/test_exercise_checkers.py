@@ -25,7 +25,7 @@ def reference_adversarial(model, z, x_fake, **cond):
 
 
 def reference_heun(model, z, steps, **cond):
-    return common.sample(model, z, steps=steps, style="mul", order=2, **cond)
+    return common.sample(model, z, steps=steps, style="mul", order=2, cond=cond)
 
 
 REFERENCES = {
