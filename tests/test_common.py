@@ -149,8 +149,9 @@ class GaussianFlow(nn.Module):
         return torch.where(t == tt, instant, jump).float()
 
 
+@pytest.mark.parametrize("order", [1, 2, 3])
 @pytest.mark.parametrize("plain", [False, True])
-def test_an_exact_any_step_model_is_a_fixed_point_of_the_base_target(plain):
+def test_an_exact_any_step_model_is_a_fixed_point_of_the_base_target(plain, order):
     """Unlike a constant field, this one depends on x, so the step back x_t − Δt·v*, the direction
     of each sub-step and the sum P must all be right for F* to equal the model's own jump."""
     exact = GaussianFlow()
@@ -158,7 +159,7 @@ def test_an_exact_any_step_model_is_a_fixed_point_of_the_base_target(plain):
     tt = t * torch.rand(256) * 0.8  # every jump longer than Δt
     F = exact(x_t, t, tt)
     v_star = exact(x_t, t, t)  # the conditional mean of z − x, the target's expectation
-    target = lambda v: base_target(exact, F, x_t, t, tt, v, {}, plain=torch.full((256,), plain))
+    target = lambda v: base_target(exact, F, x_t, t, tt, v, {}, order=order, plain=torch.full((256,), plain))
     # The step back is a first-order finite difference: its O(Δt²) error is O(Δt) in ρ.
     tolerance = 0.004 if plain else 0.03
     torch.testing.assert_close(target(v_star), F, atol=tolerance, rtol=0)
@@ -228,6 +229,52 @@ def test_twinflow_split_parts():
     assert ((tt[8:12] <= t[8:12]) & (tt[8:12] >= 0)).all()  # any-step
     torch.testing.assert_close(t[12:], tt[12:])  # adversarial: t = tt = −τ
     assert (t[12:] <= 0).all()
+
+
+def test_the_real_parts_are_noised_at_their_own_time():
+    """Every real row of the pass with gradient is x_t = t·z + (1 − t)·x with z ~ N(0, 1) drawn for
+    it: with all data at x = 5, z = (x_t − (1 − t)·5)/t must look like standard noise."""
+    model, ema = make((4096, 2))
+    recorder = Recorder(model)
+    training_loss(recorder, ema, torch.full((4096, 2), 5.0), method="twinflow")
+    (x_t, t, tt, _, _), = [c for c in recorder.calls if c[3]]
+    real = t > 0
+    z = (x_t[real] - (1 - t[real, None]) * 5.0) / t[real, None]
+    assert real.sum() == 3072 and abs(z.mean()) < 0.1 and abs(z.std() - 1) < 0.1
+
+
+def test_each_call_gets_the_labels_of_its_own_rows():
+    """The fake samples are made with the labels that the adversarial rows then train with, and Δv
+    is read with the labels of the one-step rows whose samples it moves."""
+    model, ema = make((16, 2), classes=16)
+    calls = []
+
+    def spy(x_t, t, tt, y):
+        calls.append((t, tt, y, torch.is_grad_enabled()))
+        return model(x_t, t, tt, y)
+    training_loss(spy, ema, torch.randn(16, 2), method="twinflow", cond={"y": torch.arange(16)})
+    (t, tt, y, _), = [c for c in calls if c[3]]
+    (_, _, y_generated, _), = [c for c in calls if not c[3] and (c[0] == 1).all() and (c[1] == 0).all()]
+    rectify = [c for c in calls if not c[3] and (c[0] == c[1]).all()]
+    assert torch.equal(y_generated, y[t < 0]) and torch.equal(y[t < 0], torch.arange(12, 16))
+    assert len(rectify) == 2 and all(torch.equal(c[2], y[t == 1]) for c in rectify)
+
+
+def test_rectify_weight_scales_the_rectify_term_and_its_gradient():
+    """rectify_weight w adds w·L_rectify to the loss and changes no draw; its gradient reaches the
+    one-step rows (the value of ‖F − sg(F − Δv)‖² is ‖Δv‖², but its gradient is 2·Δv·∂F)."""
+    model, ema = make((16, 2))
+    x, results = torch.randn(16, 2), {}
+    for weight in (0.5, 0.0):
+        torch.manual_seed(5)
+        model.zero_grad()
+        loss, logs = training_loss(model, ema, x, method="twinflow", rectify_weight=weight)
+        loss.backward()
+        results[weight] = loss, logs, [p.grad.clone() for p in model.parameters()]
+    (loss_half, logs_half, grads_half), (loss_0, logs_0, grads_0) = results.values()
+    assert torch.equal(logs_half["rectify"], logs_0["rectify"]) and logs_half["rectify"] > 0
+    torch.testing.assert_close(loss_half - loss_0, 0.5 * logs_half["rectify"])
+    assert any(not torch.allclose(a, b) for a, b in zip(grads_half, grads_0))
 
 
 def test_split_false_runs_every_part_on_the_whole_batch():
@@ -491,6 +538,15 @@ def test_each_style_asks_for_its_target_time():
         torch.testing.assert_close(torch.stack([c[1][0] for c in spy.calls]), expected_tt)
 
 
+def test_heuns_correction_reads_the_velocity_at_the_next_grid_time():
+    model, _ = make((8, 2))
+    spy = Spy(model)
+    sample(spy, torch.randn(8, 2), steps=3, style="mul", order=2)  # grid 1, 2/3, 1/3, 0
+    times = torch.stack([c[0][0] for c in spy.calls])
+    torch.testing.assert_close(times, torch.tensor([1, 2 / 3, 2 / 3, 1 / 3, 1 / 3]))
+    torch.testing.assert_close(torch.stack([c[1][0] for c in spy.calls]), times)
+
+
 def test_order_2_is_refused_for_the_jump_styles():
     model, _ = make((8, 2))
     for style in ("few", "any"):
@@ -529,6 +585,16 @@ def test_stochastic_sampling_draws_fresh_noise_at_every_step():
     assert abs(torch.corrcoef(torch.stack([noise_1.flatten(), noise_2.flatten()]))[0, 1]) < 0.05
 
 
+def test_a_partial_stochastic_ratio_mixes_noise_at_unit_variance():
+    """At s = 0.5 a step re-noises with √(1 − s)·ẑ + √s·ε (not (1 − s)·ẑ + s·ε): with F = 0 the ε of
+    the step read back from the trajectory is standard noise, independent of x."""
+    z = torch.randn(4096, 2)
+    _, (x0, x1, _) = sample(ZeroVelocity(), z, steps=2, stochastic_ratio=0.5, return_trajectory=True)
+    noise = (x1 - 0.5 * x0 - 0.5 * 0.5**0.5 * x0) / (0.5 * 0.5**0.5)  # grid 1, 1/2, 0
+    assert abs(noise.std() - 1) < 0.05
+    assert abs(torch.corrcoef(torch.stack([noise.flatten(), x0.flatten()]))[0, 1]) < 0.05
+
+
 def test_stochastic_ratio_and_fake_branch():
     model, _ = make((8, 2))
     spy = Spy(model)
@@ -540,17 +606,21 @@ def test_stochastic_ratio_and_fake_branch():
     assert not torch.allclose(a, b)  # the noise follows the seed (fresh per step: the test above)
     torch.testing.assert_close(sample(model, z, steps=3, stochastic_ratio=0.0),
                                sample(model, z, steps=3, stochastic_ratio=0.0))
-    spy.calls.clear()
-    _, trajectory = sample(spy, z, steps=3, style="mul", fake=True, return_trajectory=True)
-    assert all((c[0] < 0).all() for c in spy.calls) and trajectory.shape == (4, 8, 2)
+    for style in ("few", "any", "mul"):  # the twin trajectory: t < 0 and the target time on its side
+        spy.calls.clear()
+        _, trajectory = sample(spy, z, steps=3, style=style, fake=True, return_trajectory=True)
+        assert all((c[0] < 0).all() and (c[1] <= 0).all() for c in spy.calls) and trajectory.shape == (4, 8, 2)
+        assert style == "few" or all((c[1] < 0).all() for c in spy.calls[:-1]), style
 
 
 def test_time_grid():
     torch.testing.assert_close(time_grid(1), torch.tensor([1.0, 0.0]))
     torch.testing.assert_close(time_grid(4), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
     torch.testing.assert_close(time_grid(2, gap=(0.001, 0.6)), torch.tensor([0.999, 0.6, 0.0]))
-    grid = time_grid(8, kumaraswamy=(1.0, 2.0, 1.0))
-    assert grid[0] == 1 and grid[-1] == 0 and (grid[1:] < grid[:-1]).all()
+    u = torch.linspace(0, 1, 5)[:4]  # 1 − K(u), K(u) = (1 − (1 − uᵃ)ᵇ)ᶜ
+    torch.testing.assert_close(time_grid(4, kumaraswamy=(1.0, 2.0, 1.0)), torch.cat([(1 - u) ** 2, torch.zeros(1)]))
+    torch.testing.assert_close(time_grid(4, kumaraswamy=(1.0, 1.0, 2.0)), torch.cat([1 - u**2, torch.zeros(1)]))
+    torch.testing.assert_close(time_grid(4, kumaraswamy=(2.0, 1.0, 1.0)), torch.cat([1 - u**2, torch.zeros(1)]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -568,6 +638,11 @@ def test_update_ema():
     update_ema(ema, model, 0.99, step=0)  # the warm-up starts from a copy
     for e, p in zip(ema.parameters(), model.parameters()):
         torch.testing.assert_close(e, p)
+    norm = nn.BatchNorm1d(2)
+    norm_ema = copy.deepcopy(norm)
+    norm(torch.randn(16, 2) + 3)  # training mode: the running statistics move
+    update_ema(norm_ema, norm, 0.9)  # buffers are copied, not averaged
+    assert torch.equal(norm_ema.running_mean, norm.running_mean) and norm_ema.num_batches_tracked == 1
 
 
 def short_run(seed, steps, method="twinflow", shape=(16, 2)):
