@@ -17,12 +17,30 @@ def test_every_builtin_target_is_finite_and_unit_scale():
         assert 0.5 < x.std() < 2.5, name
 
 
+def test_every_mode_of_the_multimodal_targets_is_filled_evenly():
+    x = toy_2d.make_target("8gaussians", 8000, np.random.default_rng(0))
+    mode = np.round(np.arctan2(x[:, 1], x[:, 0]) / (2 * np.pi / 8)).astype(int) % 8
+    assert np.all(np.abs(np.bincount(mode, minlength=8) - 1000) < 150)
+    x = toy_2d.make_target("checkerboard", 8000, np.random.default_rng(0))  # 8 of the 4×4 unit squares
+    column, row = np.floor(x[:, 0]).astype(int), np.floor(x[:, 1]).astype(int)
+    assert x.min() >= -2 and x.max() <= 2 and np.all((column + row) % 2 == 0)  # the dark squares only
+    counts = np.bincount((column + 2) * 4 + row + 2, minlength=16).reshape(4, 4)
+    dark = (np.arange(4)[:, None] + np.arange(4)) % 2 == 0
+    assert np.all(np.abs(counts[dark] - 1000) < 150)
+
+
 def test_swd_metric():
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((2000, 2)), rng.standard_normal((2000, 2))
     assert toy_2d.swd(a, a) == 0
     assert toy_2d.swd(a, b) < 0.1  # two samples of one distribution: near the noise floor
     assert toy_2d.swd(a, b + 1.0) > 0.5  # a shifted one: far
+    # W1 of a shift c along a unit direction d is |d·c|; averaged over directions, (2/π)·|c|
+    assert abs(toy_2d.swd(a, a + [3.0, 0.0]) - 3 * 2 / np.pi) < 0.05 * 3 * 2 / np.pi
+    torch.manual_seed(1)  # its directions are its own: the global seed does not move it
+    first = toy_2d.swd(a, b)
+    torch.manual_seed(2)
+    assert toy_2d.swd(a, b) == first
 
 
 def test_short_training_improves_one_step_quality_and_writes_everything(tmp_path):
@@ -39,6 +57,7 @@ def test_short_training_improves_one_step_quality_and_writes_everything(tmp_path
     samples = np.load(out / "samples.npz")
     assert samples["data"].shape == (600, 2) and samples["twinflow_nfe1"].shape == (600, 2)
     assert samples["twinflow_fake_nfe8"].shape == (600, 2)  # the fake branch's own samples
+    assert not np.allclose(samples["twinflow_fake_nfe8"], samples["twinflow_nfe8"])  # not the real branch's
     # The GIF's first frame is the untrained model's 1-NFE output: training must beat it.
     reference = samples["data"]
     torch.manual_seed(0)
@@ -63,11 +82,52 @@ def test_user_data_file(tmp_path):
     assert "flow_nfe4_renoise" not in samples  # flow has no jumps to re-noise
 
 
+def test_a_user_file_is_shuffled_then_split_into_train_and_two_disjoint_held_out_sets(tmp_path, monkeypatch):
+    """A sorted file: the held-out sets are a quarter each of the shuffled rows (at most --num-eval),
+    the model trains on the other half only, batches come from all of it, and the metric scores
+    against the held-out rows that samples.npz keeps as "data"."""
+    points = np.stack([np.arange(400.0), np.random.default_rng(0).standard_normal(400)], 1)
+    path = tmp_path / "sorted.npy"
+    np.save(path, points)
+    seen = {"pool": [], "batches": [], "scored_against": []}
+    real_train, real_loss, real_swd = toy_2d.train, toy_2d.training_loss, toy_2d.swd
+    monkeypatch.setattr(toy_2d, "train", lambda method, pool, *a: seen["pool"].append(pool) or real_train(method, pool, *a))
+    monkeypatch.setattr(toy_2d, "training_loss", lambda m, e, x, **kw: seen["batches"].append(x) or real_loss(m, e, x, **kw))
+    monkeypatch.setattr(toy_2d, "swd", lambda a, b, **kw: seen["scored_against"].append(b) or real_swd(a, b, **kw))
+    report = toy_2d.main(["--data", str(path), "--methods", "flow", "--train-steps", "10", "--batch", "32",
+                          "--many-steps", "5", "--out", str(tmp_path / "o")])  # the default --num-eval
+    reference = np.load(tmp_path / "o" / "samples.npz")["data"]
+    assert report["num_eval"] == 100 and reference.shape == (100, 2) and len(seen["pool"][0]) == 200
+    rows = lambda x: set(np.round(x[:, 0]).astype(int).tolist())
+    assert reference[:, 0].max() - reference[:, 0].min() > 300  # shuffled first: not the file's first rows
+    assert not rows(reference) & rows(seen["pool"][0]) and len(rows(reference) | rows(seen["pool"][0])) == 300
+    assert all(np.array_equal(b, reference) for b in seen["scored_against"][1:])  # [0]: the noise floor
+    assert len(torch.unique(torch.cat(seen["batches"]), dim=0)) > 100  # drawn from all 200 rows
+
+
+def test_the_ema_warms_up_and_every_method_gets_the_same_re_noising_draws(tmp_path, monkeypatch):
+    steps, states = [], {}
+    real_update, real_sample = toy_2d.update_ema, toy_2d.sample
+    monkeypatch.setattr(toy_2d, "update_ema", lambda ema, model, decay, step=None: steps.append(step)
+                        or real_update(ema, model, decay, step))
+
+    def record_rng(model, noise, **how):
+        if how.get("stochastic_ratio"):
+            states.setdefault(how["steps"], []).append(torch.get_rng_state())
+        return real_sample(model, noise, **how)
+    monkeypatch.setattr(toy_2d, "sample", record_rng)
+    toy_2d.main(["--methods", "rcgm,twinflow", "--train-steps", "3", "--num-eval", "50", "--many-steps", "3",
+                 "--out", str(tmp_path)])
+    assert steps == [0, 1, 2] * 2  # the warm-up decay needs the step
+    assert sorted(states) == [2, 4] and all(len(s) == 2 and torch.equal(*s) for s in states.values())
+
+
 @pytest.mark.parametrize("content,message", [
     (None, "no such file"),
     (np.zeros((100, 3)), "expected shape"),
     (np.zeros((10, 2)), "expected shape"),
     (np.full((100, 2), np.nan), "finite"),
+    (np.concatenate([np.zeros((99, 2)), [[np.nan, 0.0]]]), "finite"),
 ])
 def test_bad_data_file_is_a_one_line_error(tmp_path, content, message):
     path = tmp_path / "bad.npy"
