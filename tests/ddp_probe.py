@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def probe_command(script, flags, port, skip_md5=False):
     """The torchrun command that runs `script` (a module name) with `flags` through this probe.
-    skip_md5: pass torchvision's checksum of CIFAR's files (a tiny test CIFAR cannot match it)."""
+    skip_md5: skip torchvision's checksum of CIFAR's files (a tiny test CIFAR cannot match it)."""
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
             "--master_port", str(port), os.path.abspath(__file__), script, *(["--skip-md5"] if skip_md5 else []),
             *flags]
