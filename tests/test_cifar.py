@@ -132,8 +132,10 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(data_root, tmp_pat
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     cifar_twinflow.main(tiny(data_root, straight, "--log-every", "1", "--train-steps", "4"))
     cifar_twinflow.main(tiny(data_root, resumed, "--log-every", "1", "--train-steps", "2"))
+    seconds_before = torch.load(resumed / "checkpoint.pt", weights_only=False)["seconds"]
     cifar_twinflow.main(tiny(data_root, resumed, "--log-every", "1", "--train-steps", "4", "--resume"))
     states = [torch.load(d / "checkpoint.pt", weights_only=False) for d in (straight, resumed)]
+    assert states[1]["seconds"] > seconds_before  # the training time adds up over the restart
     logs = [state["logs"] for state in states]
     assert [row["step"] for row in logs[1]] == [0, 1, 2, 3] and logs[0] == logs[1]
     for ema in ("ema", "target_ema"):  # the losses depend on the model and the target EMA, not the sampled one
@@ -291,13 +293,28 @@ def test_fid_code_path_with_a_stand_in_feature_extractor(data_root, tmp_path, mo
     out = tmp_path / "run"
     cifar_twinflow.main(tiny(data_root, out))
     monkeypatch.setattr(cifar_twinflow, "fid_features", TinyFeatures)
+    updates, generated, real_generate = [], [], cifar_twinflow.generate
+
+    class RecordingFID(cifar_twinflow.FrechetInceptionDistance):
+        def update(self, imgs, real):
+            updates.append((imgs.clone(), real))
+            return super().update(imgs, real)
+    monkeypatch.setattr(cifar_twinflow, "FrechetInceptionDistance", RecordingFID)
+    monkeypatch.setattr(cifar_twinflow, "generate", lambda *args: generated.append(real_generate(*args)) or generated[-1])
     result = cifar_twinflow.main(tiny(data_root, tmp_path / "fid", "--fid", "--ckpt", str(out / "checkpoint.pt"),
                                       "--nfe", "2", "--num-fid", "24"))
     saved = json.loads((tmp_path / "fid" / "fid.json").read_text())
     assert saved == result and np.isfinite(saved["fid"]) and saved["fid"] > 0
-    # The FID is the EMA's, against the training split: zeroing the trained model changes nothing
+    # every training image as the reference; exactly --num-fid samples, rounded to pixel levels
+    real = torch.cat([imgs for imgs, is_real in updates if is_real])
+    fake = torch.cat([imgs for imgs, is_real in updates if not is_real])
+    assert torch.equal(real, cifar_twinflow.load_cifar(data_root, train=True, download=False)[0])
+    assert torch.equal(fake, cifar_twinflow.to_uint8(torch.cat(generated))) and len(fake) == 24
+    # The FID is the EMA's, against the training split: zeroing the trained model and the target EMA
+    # changes nothing
     state = torch.load(out / "checkpoint.pt", weights_only=False)
-    state["model"] = {k: torch.zeros_like(v) for k, v in state["model"].items()}
+    for name in ("model", "target_ema"):
+        state[name] = {k: torch.zeros_like(v) for k, v in state[name].items()}
     torch.save(state, tmp_path / "zeroed.pt")
     splits, real_load = [], cifar_twinflow.load_cifar
     monkeypatch.setattr(cifar_twinflow, "load_cifar", lambda root, train, **kw: splits.append(train) or
@@ -307,6 +324,19 @@ def test_fid_code_path_with_a_stand_in_feature_extractor(data_root, tmp_path, mo
     assert again["fid"] == saved["fid"] and splits == [True]
     assert saved["nfe"] == 2 and saved["num_samples"] == 24 and saved["weights"] == "EMA 0.9999"
     assert saved["style"] == "any" and saved["seed"] == 0 and not (tmp_path / "fid" / "fid.json.tmp").exists()
+    many = cifar_twinflow.main(tiny(data_root, tmp_path / "fid3", "--fid", "--ckpt", str(out / "checkpoint.pt"),
+                                    "--nfe", "3", "--num-fid", "8"))  # --many-steps 3: the ODE, for every model
+    assert many["style"] == "mul"
+
+
+def test_every_grid_column_starts_from_the_same_noise(data_root, tmp_path, monkeypatch):
+    cifar_twinflow.main(tiny(data_root, tmp_path / "run"))
+    calls, real_generate = [], cifar_twinflow.generate
+    monkeypatch.setattr(cifar_twinflow, "generate", lambda model, method, labels, nfe, many_steps, generator:
+                        calls.append((nfe, generator.get_state())) or
+                        real_generate(model, method, labels, nfe, many_steps, generator))
+    cifar_twinflow.main(tiny(data_root, tmp_path / "s", "--sample", "--ckpt", str(tmp_path / "run" / "checkpoint.pt")))
+    assert [nfe for nfe, _ in calls] == [1, 2, 4, 3] and all(torch.equal(calls[0][1], state) for _, state in calls)
 
 
 def test_two_process_ddp_on_cpu(data_root, tmp_path):

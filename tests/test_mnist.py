@@ -11,6 +11,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 
 import mnist_twinflow
 from ddp_probe import check_two_ranks, probe_command
@@ -270,22 +271,33 @@ def test_sampling_reads_the_ema_not_the_model_being_trained(data_root, tmp_path)
     assert torch.load(tmp_path / "s" / "samples_nfe1.pt")["samples"].isfinite().all()
 
 
-def test_sample_mode_writes_grids_and_evenly_spread_classes(data_root, tmp_path):
+def test_sample_mode_writes_grids_and_evenly_spread_classes(data_root, tmp_path, monkeypatch):
     out = tmp_path / "o"
     mnist_twinflow.main(tiny(data_root, out, "--method", "rcgm", "--train-steps", "2"))
+    calls, real_generate = [], mnist_twinflow.generate
+    monkeypatch.setattr(mnist_twinflow, "generate", lambda model, method, labels, nfe, *args:
+                        calls.append((labels, nfe)) or real_generate(model, method, labels, nfe, *args))
     mnist_twinflow.main(tiny(data_root, tmp_path / "s", "--sample", "--ckpt", str(out / "checkpoint.pt"),
                              "--nfe", "2", "--num", "30"))
     saved = torch.load(tmp_path / "s" / "samples_nfe2.pt")
     assert saved["samples"].shape == (30, 1, 28, 28) and saved["samples"].abs().max() <= 1
     assert torch.bincount(saved["labels"]).tolist() == [3] * 10
+    *grids, (labels, nfe) = calls  # the grids' four columns (row i: class i), then the file, at --nfe
+    assert [n for _, n in grids] == [1, 2, 4, 3] and nfe == 2 and torch.equal(labels, saved["labels"])
+    assert all(torch.equal(labels, torch.arange(10).repeat_interleave(10)) for labels, _ in grids)
     assert (tmp_path / "s" / "grids.png").stat().st_size > 0
 
 
-def test_eval_of_a_checkpoint_writes_metrics_the_table_reads(data_root, tmp_path):
+def test_eval_of_a_checkpoint_writes_metrics_the_table_reads(data_root, tmp_path, monkeypatch):
     out = tmp_path / "o"
     mnist_twinflow.main(tiny(data_root, out, "--method", "rcgm", "--train-steps", "2"))
     seconds = torch.load(out / "checkpoint.pt", weights_only=False)["seconds"]
+    references, real_statistics = [], mnist_twinflow.reference_statistics
+    monkeypatch.setattr(mnist_twinflow, "reference_statistics",
+                        lambda classifier, real: references.append(real) or real_statistics(classifier, real))
     mnist_twinflow.main(tiny(data_root, tmp_path / "e", "--eval", "--ckpt", str(out / "checkpoint.pt")))
+    test_images, _ = mnist_twinflow.load_mnist(data_root, train=False, download=False)
+    assert len(references) == 1 and torch.equal(references[0], test_images)  # FD to the test split
     evaluated = json.loads((tmp_path / "e" / "metrics.json").read_text())
     trained = json.loads((out / "metrics.json").read_text())
     assert evaluated["steps"] == 2 and evaluated["train_seconds"] == round(seconds, 1)  # the checkpoint's time
@@ -310,6 +322,32 @@ def test_the_readme_mnist_table_is_the_scripts_output_on_the_saved_metrics(tmp_p
         runs.append(str(tmp_path / method))
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         assert mnist_table.table(runs) in f.read()
+
+
+def test_each_method_and_nfe_gets_its_sampler(monkeypatch):
+    """flow: the ODE (Euler) at every NFE; the any-step models jump grid time to grid time, except
+    in the many-step column (here 3), the ODE for every model. Labels go through in order."""
+    calls = []
+    monkeypatch.setattr(mnist_twinflow, "sample", lambda model, z, steps, style, cond:
+                        calls.append((steps, style, cond["y"])) or z)
+    labels = torch.arange(10)
+    for method in ("flow", "rcgm", "twinflow"):
+        for nfe in (1, 2, 4, 3):
+            calls.clear()
+            mnist_twinflow.generate(nn.Linear(1, 1), method, labels, nfe, 3, seed=0, batch=4)
+            style = "mul" if method == "flow" or nfe == 3 else "any"
+            assert [call[:2] for call in calls] == [(nfe, style)] * 3, (method, nfe)
+            assert torch.equal(torch.cat([call[2] for call in calls]), labels)
+
+
+def test_the_frechet_distance_forgets_the_previous_samples():
+    torch.manual_seed(0)
+    classifier = mnist_twinflow.Classifier().eval()
+    real, fake, other = (torch.rand(64, 1, 28, 28) * 2 - 1 for _ in range(3))
+    fid = mnist_twinflow.reference_statistics(classifier, real)
+    first = mnist_twinflow.frechet_distance(fid, fake)
+    assert mnist_twinflow.frechet_distance(fid, other + 0.5) != first
+    assert mnist_twinflow.frechet_distance(fid, fake) == pytest.approx(first, rel=1e-6)
 
 
 def test_sample_and_eval_write_into_eval_beside_their_checkpoint_unless_told():

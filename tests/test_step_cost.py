@@ -12,13 +12,20 @@ spec.loader.exec_module(step_cost)
 
 
 @pytest.mark.parametrize("model,rows", [("conv", 6), ("mlp", 4), ("unet", 6), ("dit", 6), ("qwen", 6)])  # the MLP has no classes: no κ rows
-def test_step_cost_measures_every_row(model, rows, monkeypatch):
+def test_step_cost_measures_every_row(model, rows, monkeypatch, capsys):
     monkeypatch.setitem(step_cost.imagenet_twinflow.MODELS, "S/2", (1, 32, 2))  # a 1-block DiT, for speed
     results = step_cost.main(["--model", model, "--batch", "8", "--width", "8", "--steps", "1",
                               "--warmup", "0", "--device", "cpu", "--qwen-layers", "1"])
     assert len(results) == rows
     for r in results.values():
         assert r["ms"] > 0 and r["saved_mb"] > 0
+    # every printed "× flow" is the row's time and memory over plain, unguided flow matching's
+    flow = results[("flow", True, 0.0)]
+    printed = {(row[0], row[1] == "split", float(row[2])): row for row in map(str.split, capsys.readouterr().out.splitlines())
+               if row and row[0] in ("flow", "rcgm", "twinflow")}
+    assert sorted(printed) == sorted(results)
+    for key, r in results.items():
+        assert printed[key][4] == f"{r['ms'] / flow['ms']:.2f}" and printed[key][7] == f"{r['saved_mb'] / flow['saved_mb']:.2f}"
     # The tutorial form runs every part on the whole batch: 4× the samples in the graph, so 4× the
     # activations (the weights are not counted); the split form saves what flow matching saves.
     whole, split = results[("twinflow", False, 0.0)], results[("twinflow", True, 0.0)]
