@@ -182,8 +182,11 @@ def test_train_resume_sample_and_fid(assets, latents, tmp_path, monkeypatch):
     ckpt = str(resumed / "checkpoint.pt")
     imagenet_twinflow.main(flags(assets, "--out", str(tmp_path / "s"), "--sample", "--ckpt", ckpt,
                                  "--classes", "0,1", "--per-class", "3", "--many-steps", "3"))
-    for nfe in (1, 2, 4, 3):
-        assert (tmp_path / "s" / f"grid_nfe{nfe}.png").stat().st_size > 0
+    for nfe in (1, 2, 4, 3):  # a row per class, --per-class columns: 16-pixel images, 2-pixel padding
+        assert Image.open(tmp_path / "s" / f"grid_nfe{nfe}.png").size == (3 * 18 + 2, 2 * 18 + 2)
+    with pytest.raises(SystemExit, match="the model has 2 classes"):  # classes 0 and 1; 2 is the null class
+        imagenet_twinflow.main(flags(assets, "--out", str(tmp_path / "s2"), "--sample", "--ckpt", ckpt,
+                                     "--classes", "0,2"))
 
     np.savez(tmp_path / "ref.npz", arr_0=np.random.default_rng(0).integers(0, 255, (20, 16, 16, 3), dtype=np.uint8))
     monkeypatch.setattr(imagenet_twinflow, "fid_features", TinyFeatures)
@@ -199,6 +202,14 @@ def test_train_resume_sample_and_fid(assets, latents, tmp_path, monkeypatch):
                                          str(tmp_path / "zeroed.pt"), "--fid-ref", str(tmp_path / "ref.npz"),
                                          "--num-fid", "12", "--nfe", "2"))
     assert again["fid"] == result["fid"]
+
+
+def test_each_method_and_nfe_gets_its_sampler():
+    """flow: the ODE at every NFE; the any-step models jump, except at --many-steps (the ODE)."""
+    for method in ("flow", "rcgm", "twinflow"):
+        for nfe in (1, 2, 4, 32):
+            expected = "mul" if method == "flow" or nfe == 32 else "any"
+            assert imagenet_twinflow.sampler_style(method, nfe, 32) == expected, (method, nfe)
 
 
 def test_generate_undoes_the_vae_scaling_before_decoding():
@@ -260,13 +271,16 @@ def test_fid_uses_the_npz_statistics_when_it_has_them(assets, latents, tmp_path,
     mu_ref, sigma_ref = rng.normal(size=8), a @ a.T / 8 + 0.1 * np.eye(8)
     np.savez(tmp_path / "ref.npz", mu=mu_ref, sigma=sigma_ref,  # and images, as ADM's npz has: not to be used
              arr_0=rng.integers(0, 255, (20, 16, 16, 3), dtype=np.uint8))
-    extractor = RecordingFeatures()
+    extractor, labels, real_generate = RecordingFeatures(), [], imagenet_twinflow.generate
     monkeypatch.setattr(imagenet_twinflow, "fid_features", lambda: extractor)
+    monkeypatch.setattr(imagenet_twinflow, "generate", lambda model, vae, meta, method, y, *args:
+                        labels.append(y) or real_generate(model, vae, meta, method, y, *args))
     result = imagenet_twinflow.main(flags(assets, "--out", str(tmp_path / "f"), "--fid", "--ckpt",
                                           str(out / "checkpoint.pt"), "--fid-ref", str(tmp_path / "ref.npz"),
                                           "--num-fid", "12", "--nfe", "3", "--many-steps", "3"))
     fake = torch.cat(extractor.rows).numpy()
     assert fake.shape == (12, 8)  # the samples only: arr_0 never went through the extractor
+    assert torch.equal(torch.cat(labels), torch.arange(12) % 2)  # the 2 real classes, evenly; never the null one
     mu, sigma = fake.mean(0), np.cov(fake, rowvar=False)
     # tr (Σ1 Σ2)^½ = Σ √λ(Σ1 Σ2), torchmetrics' way; the script goes through eigh instead
     trace_sqrt = np.sqrt(np.linalg.eigvals(sigma @ sigma_ref).astype(complex)).real.sum()
