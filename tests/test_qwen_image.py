@@ -317,8 +317,8 @@ def train_flags(assets, cache, out, steps, *extra):
 
 @pytest.fixture(scope="module")
 def trained(assets, cache):
-    """3 steps with an EMA, uninterrupted; and 2 steps + resume to 3."""
-    whole = sq.main(train_flags(assets, cache, assets / "whole", 3, "--ema", "0.9"))
+    """3 steps with an EMA, uninterrupted (a checkpoint after each); and 2 steps + resume to 3."""
+    whole = sq.main(train_flags(assets, cache, assets / "whole", 3, "--ema", "0.9", "--ckpt-every", "1"))
     sq.main(train_flags(assets, cache, assets / "split", 2, "--ema", "0.9"))
     resumed = sq.main(train_flags(assets, cache, assets / "split", 3, "--ema", "0.9", "--resume"))
     return whole, resumed
@@ -331,6 +331,8 @@ def test_resume_continues_exactly(assets, cache, trained):
     assert resumed == whole  # the logs of steps 0, 1 (saved) and 2 (after the restart) all match
     steps = [os.path.basename(p) for p in sq.checkpoint_dirs(str(assets / "split"))]
     assert steps == ["step_0000002", "step_0000003"]  # --keep 2, complete directories only
+    steps = [os.path.basename(p) for p in sq.checkpoint_dirs(str(assets / "whole"))]
+    assert steps == ["step_0000002", "step_0000003"]  # saved after steps 1, 2 and 3: --keep 2 deleted the first
     mtime = os.path.getmtime(assets / "split" / "checkpoints" / "step_0000003" / "train_state.json")
     assert sq.main(train_flags(assets, cache, assets / "split", 3, "--resume")) == whole  # --ema: the run's
     assert os.path.getmtime(assets / "split" / "checkpoints" / "step_0000003" / "train_state.json") == mtime
@@ -420,7 +422,7 @@ def test_sigterm_finishes_the_step_saves_and_resumes_exactly(assets, cache, trai
     assert sq.main(train_flags(assets, cache, tmp_path / "run", 3, "--ema", "0.9", "--resume")) == trained[0]
 
 
-def test_export_loads_in_qwen_image_pipeline_and_samples_1_2_4_nfe(assets, trained, tmp_path):
+def test_export_loads_in_qwen_image_pipeline_and_samples_1_2_4_nfe(assets, trained, tmp_path, monkeypatch):
     from diffusers import QwenImagePipeline
 
     folder = sq.main(flags(assets, "--export", str(tmp_path / "export"), "--out", str(assets / "split")))
@@ -436,9 +438,14 @@ def test_export_loads_in_qwen_image_pipeline_and_samples_1_2_4_nfe(assets, train
     assert torch.equal(transformer.proj_out.weight, full["ema"]["proj_out.weight"].to(torch.bfloat16).float())
     assert not torch.equal(transformer.tt_embedder.linear_2.weight,
                            transformer.time_text_embed.timestep_embedder.linear_2.weight)
+    samplers, real_sample = [], sq.sample
+    monkeypatch.setattr(sq, "sample", lambda velocity, noise, **how: samplers.append(how) or real_sample(velocity, noise, **how))
     written = sq.main(flags(assets, "--sample", "--ckpt", str(tmp_path / "export"), "--out", str(tmp_path / "s"),
                             "--prompts", "a red square|the sea", "--pipeline-steps", "2"))
     assert set(written) == {"nfe1", "nfe2", "nfe4", "pipeline_2steps"}
+    # the authors' few-step sampler: jump to the data, re-noise to the next time of their grids
+    assert [(how["steps"], how["style"], how["stochastic_ratio"], how["gap"]) for how in samplers] == [
+        (1, "few", 0.0, (0.0, 0.0)), (2, "few", 1.0, (0.001, 0.6)), (4, "few", 1.0, (0.001, 0.5))]
     for name, images in written.items():
         assert images.shape == (2, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
         assert os.path.isfile(tmp_path / "s" / f"{name}.png")
