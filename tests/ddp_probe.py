@@ -27,14 +27,19 @@ def probe_command(script, flags, port, skip_md5=False):
             *flags]
 
 
-def check_two_ranks(out, steps):
-    """Both ranks took `steps` steps, each on batches of its own, and (when the script returns its
-    EMA) ended with the same weights."""
-    ranks = [torch.load(os.path.join(out, f"probe_rank{rank}.pt")) for rank in (0, 1)]
+def check_two_ranks(out, steps, same_weights=True):
+    """Both ranks took `steps` steps, each on batches of its own, and (same_weights) ended with the
+    same EMA weights. The probe's files are removed once read, so a later run in the same folder
+    cannot pass on them."""
+    paths = [os.path.join(out, f"probe_rank{rank}.pt") for rank in (0, 1)]
+    ranks = [torch.load(path) for path in paths]
+    for path in paths:
+        os.remove(path)
     assert [len(r["batches"]) for r in ranks] == [steps, steps]
     for step, (x0, x1) in enumerate(zip(ranks[0]["batches"], ranks[1]["batches"])):
         assert x0.shape == x1.shape and not torch.equal(x0, x1), f"step {step}: both ranks trained on one batch"
-    if ranks[0]["ema"] is not None:
+    if same_weights:
+        assert ranks[0]["ema"] is not None and ranks[1]["ema"] is not None, "train() returned no EMA"
         for name, weight in ranks[0]["ema"].items():
             assert torch.equal(weight, ranks[1]["ema"][name]), f"{name}: the ranks' weights drifted apart"
 

@@ -588,6 +588,7 @@ def test_stochastic_sampling_draws_fresh_noise_at_every_step():
 def test_a_partial_stochastic_ratio_mixes_noise_at_unit_variance():
     """At s = 0.5 a step re-noises with √(1 − s)·ẑ + √s·ε (not (1 − s)·ẑ + s·ε): with F = 0 the ε of
     the step read back from the trajectory is standard noise, independent of x."""
+    torch.manual_seed(0)
     z = torch.randn(4096, 2)
     _, (x0, x1, _) = sample(ZeroVelocity(), z, steps=2, stochastic_ratio=0.5, return_trajectory=True)
     noise = (x1 - 0.5 * x0 - 0.5 * 0.5**0.5 * x0) / (0.5 * 0.5**0.5)  # grid 1, 1/2, 0

@@ -374,8 +374,7 @@ def test_two_process_ddp_on_cpu(data_root, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["world_size"] == 2
     check_two_ranks(out, steps=3)
     assert sorted(os.listdir(out)) == sorted(["checkpoint.pt", "grids.png", "grid_nfe1.png", "grid_nfe2.png",
-                                              "grid_nfe4.png", "grid_nfe3.png", "losses.png", "metrics.json",
-                                              "probe_rank0.pt", "probe_rank1.pt"])
+                                              "grid_nfe4.png", "grid_nfe3.png", "losses.png", "metrics.json"])
 
 
 def test_the_evaluator_is_the_same_whatever_ran_before_it(data_root, tmp_path):

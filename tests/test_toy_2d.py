@@ -100,8 +100,11 @@ def test_a_user_file_is_shuffled_then_split_into_train_and_two_disjoint_held_out
     assert report["num_eval"] == 100 and reference.shape == (100, 2) and len(seen["pool"][0]) == 200
     rows = lambda x: set(np.round(x[:, 0]).astype(int).tolist())
     assert reference[:, 0].max() - reference[:, 0].min() > 300  # shuffled first: not the file's first rows
-    assert not rows(reference) & rows(seen["pool"][0]) and len(rows(reference) | rows(seen["pool"][0])) == 300
-    assert all(np.array_equal(b, reference) for b in seen["scored_against"][1:])  # [0]: the noise floor
+    noise_floor_set, *scored = seen["scored_against"]  # the second held-out quarter, then one per column
+    assert len(scored) == 4 and all(np.array_equal(b, reference) for b in scored)  # flow: 1, 2, 4, 5 NFE
+    held_out, pool = rows(reference) | rows(noise_floor_set), rows(seen["pool"][0])
+    assert len(rows(noise_floor_set)) == 100 and not rows(reference) & rows(noise_floor_set)
+    assert not held_out & pool and len(held_out | pool) == 400
     assert len(torch.unique(torch.cat(seen["batches"]), dim=0)) > 100  # drawn from all 200 rows
 
 
