@@ -204,31 +204,43 @@ def test_train_resume_sample_and_fid(assets, latents, tmp_path, monkeypatch):
     assert again["fid"] == result["fid"]
 
 
-def test_each_method_and_nfe_gets_its_sampler():
-    """flow: the ODE at every NFE; the any-step models jump, except at --many-steps (the ODE)."""
+class ZeroVelocity(torch.nn.Module):
+    """A stand-in transformer: 4 latent channels of 2×2, velocity 0 everywhere."""
+    channels, size = 4, 2
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, t, tt, y):
+        return torch.zeros_like(x)
+
+
+class FirstChannels:
+    """A stand-in VAE: decodes a latent to its first three channels."""
+    def decode(self, latents):
+        return type("Decoded", (), {"sample": latents[:, :3]})
+
+
+def test_each_method_and_nfe_gets_its_sampler(monkeypatch):
+    """flow: the ODE at every NFE; the any-step models jump, except at --many-steps (the ODE).
+    Checked at the call generate() makes, once per batch, with the labels as conditioning."""
+    calls = []
+    monkeypatch.setattr(imagenet_twinflow, "sample", lambda model, z, steps, style, cond:
+                        calls.append((steps, style, cond["y"].tolist())) or z)
     for method in ("flow", "rcgm", "twinflow"):
         for nfe in (1, 2, 4, 32):
-            expected = "mul" if method == "flow" or nfe == 32 else "any"
-            assert imagenet_twinflow.sampler_style(method, nfe, 32) == expected, (method, nfe)
+            calls.clear()
+            imagenet_twinflow.generate(ZeroVelocity(), FirstChannels(), {"scaling_factor": 1.0}, method,
+                                       torch.arange(5), nfe, 32, torch.Generator(), batch=4)
+            style = "mul" if method == "flow" or nfe == 32 else "any"
+            assert calls == [(nfe, style, [0, 1, 2, 3]), (nfe, style, [4])], (method, nfe)
+            assert imagenet_twinflow.sampler_style(method, nfe, 32) == style
 
 
 def test_generate_undoes_the_vae_scaling_before_decoding():
-    """With F = 0 the 1-NFE latents are the noise z; a stand-in VAE decodes a latent to its first
+    """With F = 0 the 1-NFE latents are the noise z; the stand-in VAE decodes a latent to its first
     three channels, so the images must be (z/scaling + 1)/2, clamped."""
-    class ZeroVelocity(torch.nn.Module):
-        channels, size = 4, 2
-
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(1))
-
-        def forward(self, x, t, tt, y):
-            return torch.zeros_like(x)
-
-    class FirstChannels:
-        def decode(self, latents):
-            return type("Decoded", (), {"sample": latents[:, :3]})
-
     labels = torch.arange(5)
     images = imagenet_twinflow.generate(ZeroVelocity(), FirstChannels(), {"scaling_factor": 4.0}, "twinflow",
                                         labels, 1, 32, torch.Generator().manual_seed(0))
