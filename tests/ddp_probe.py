@@ -19,12 +19,13 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def probe_command(script, flags, port, skip_md5=False):
-    """The torchrun command that runs `script` (a module name) with `flags` through this probe.
+def probe_command(script, flags, skip_md5=False):
+    """The torchrun command that runs `script` (a module name) with `flags` through this probe, on 2
+    processes. --standalone lets torchrun take a free port itself: a port picked here and released
+    could be taken by another process before the ranks bind it.
     skip_md5: skip torchvision's checksum of CIFAR's files (a tiny test CIFAR cannot match it)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(port), os.path.abspath(__file__), script, *(["--skip-md5"] if skip_md5 else []),
-            *flags]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            os.path.abspath(__file__), script, *(["--skip-md5"] if skip_md5 else []), *flags]
 
 
 def check_two_ranks(out, steps, same_weights=True):

@@ -9,7 +9,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before diffusers is imported: hub look-ups
 import json  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 import types  # noqa: E402
 
@@ -374,12 +373,6 @@ def test_a_nan_loss_or_an_infinite_gradient_stops_without_touching_the_last_chec
         assert steps == []  # stopped before the update
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_ddp_extract_resume_and_train(assets, tmp_path):
     out, lat = tmp_path / "ddp", tmp_path / "latents"
     extract = ["--extract", "--image-dir", str(assets / "images"), "--shard-size", "2"]
@@ -390,7 +383,7 @@ def test_two_process_ddp_extract_resume_and_train(assets, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     for extra in (extract, ["--out", str(out)]):  # the probe keeps what each rank trained on, and its EMA
         command = probe_command("imagenet_twinflow", flags(assets, "--latents", str(lat), "--train-steps", "2",
-                                                           *extra), free_port())
+                                                           *extra))
         run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
         assert run.returncode == 0, run.stderr[-2000:]
         if extra is extract:  # the 2 missing shards were split over the 2 ranks: rank 0 did 1

@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 
@@ -357,16 +356,10 @@ def test_sample_and_eval_write_into_eval_beside_their_checkpoint_unless_told():
     assert mnist_twinflow.parse_args(["--method", "rcgm"]).out == "out/mnist_rcgm"  # training
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_ddp_on_cpu(data_root, tmp_path):
     """Two gloo ranks: batches of their own, gradients averaged (the same weights on both)."""
     out = tmp_path / "ddp"
-    command = probe_command("mnist_twinflow", tiny(data_root, out, "--train-steps", "3"), free_port())
+    command = probe_command("mnist_twinflow", tiny(data_root, out, "--train-steps", "3"))
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-2000:]

@@ -10,7 +10,6 @@ import glob  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
@@ -454,27 +453,21 @@ def test_export_loads_in_qwen_image_pipeline_and_samples_1_2_4_nfe(assets, train
 # ----------------------------------------------------------------------------------------------
 # FSDP2: 2 processes, gloo, started with torchrun
 # ----------------------------------------------------------------------------------------------
-def torchrun(args, port):
+def torchrun(args):
     """Through tests/ddp_probe.py, which keeps each rank's batches in --out (checked by check_two_ranks;
     not the weights: FSDP2 gives each rank its own shards, and train() returns no EMA module)."""
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    command = probe_command("scale_qwen_image", args, port)
+    command = probe_command("scale_qwen_image", args)
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def test_two_rank_fsdp2_trains_saves_shards_resumes_exactly_and_exports(assets, cache, tmp_path):
     common = ["--model", str(assets / "model"), "--cache", str(cache), "--batch", "8", "--device", "cpu",
               "--log-every", "1", "--ckpt-every", "2"]  # the defaults: bf16 compute, no EMA (the model
     # builds its own targets: no-grad forwards of the sharded model between its forward and backward)
-    torchrun([*common, "--out", str(tmp_path / "whole"), "--train-steps", "3"], free_port())
+    torchrun([*common, "--out", str(tmp_path / "whole"), "--train-steps", "3"])
     newest = sq.checkpoint_dirs(str(tmp_path / "whole"))[-1]
     assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(newest, "*.distcp"))) == [
         "__0_0.distcp", "__1_0.distcp"]  # each rank wrote its own shards
@@ -485,7 +478,7 @@ def test_two_rank_fsdp2_trains_saves_shards_resumes_exactly_and_exports(assets, 
     # resume from the step-2 checkpoint: step 2's loss is the uninterrupted run's
     shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_0000003")
-    torchrun([*common, "--out", str(tmp_path / "resumed"), "--train-steps", "3", "--resume"], free_port())
+    torchrun([*common, "--out", str(tmp_path / "resumed"), "--train-steps", "3", "--resume"])
     resumed = json.load(open(os.path.join(sq.checkpoint_dirs(str(tmp_path / "resumed"))[-1], "train_state.json")))
     assert resumed["logs"] == whole["logs"]
     check_two_ranks(tmp_path / "resumed", steps=1, same_weights=False)  # and still does after a resume
@@ -495,10 +488,10 @@ def test_two_rank_fsdp2_trains_saves_shards_resumes_exactly_and_exports(assets, 
                     "--resume"])
     assert [log["step"] for log in logs] == [0, 1, 2, 3] and logs[:3] == whole["logs"]
     # and that one-process checkpoint resumes on 2 ranks, each with fresh random streams of its own
-    torchrun([*common, "--out", str(tmp_path / "resumed"), "--train-steps", "5", "--resume"], free_port())
+    torchrun([*common, "--out", str(tmp_path / "resumed"), "--train-steps", "5", "--resume"])
     check_two_ranks(tmp_path / "resumed", steps=1, same_weights=False)
     # with an EMA: a second sharded copy, updated after each step and saved with the model
-    torchrun([*common, "--ema", "0.9", "--out", str(tmp_path / "ema"), "--train-steps", "2"], free_port())
+    torchrun([*common, "--ema", "0.9", "--out", str(tmp_path / "ema"), "--train-steps", "2"])
     state = json.load(open(os.path.join(sq.checkpoint_dirs(str(tmp_path / "ema"))[-1], "train_state.json")))
     assert state["ema"] and state["step"] == 2 and all(np.isfinite(log["loss"]) for log in state["logs"])
     # the sharded checkpoint becomes one consolidated folder, in one process
