@@ -121,6 +121,20 @@ def unnoised_adversarial(model, z, x_fake, **cond):
     return per_sample_mse(F, z_new - x_fake)
 
 
+def mixed_sign_adversarial(model, z, x_fake, **cond):
+    """Half the rows at +τ: the real branch would learn the model's own samples as data."""
+    z_new, tau = torch.randn_like(x_fake), torch.rand(x_fake.shape[0])
+    signed = torch.where(torch.arange(len(tau)) % 2 == 0, -tau, tau)
+    _, _, F = predict(model, interpolate(x_fake, z_new, tau), signed, signed, **cond)
+    return per_sample_mse(F, z_new - x_fake)
+
+
+def narrow_noise_adversarial(model, z, x_fake, **cond):
+    z_new, tau = 0.5 * torch.randn_like(x_fake), torch.rand(x_fake.shape[0])
+    _, _, F = predict(model, interpolate(x_fake, z_new, tau), -tau, -tau, **cond)
+    return per_sample_mse(F, z_new - x_fake)
+
+
 def no_grad_adversarial(model, z, x_fake, **cond):
     with torch.no_grad():
         return reference_adversarial(model, z, x_fake, **cond)
@@ -139,11 +153,11 @@ def batched_rectify(model, F_one_step, x_fake, cond, clamp=1.0):
 
 
 def rectify_with(flip=False, detach_target=True, clamp_it=True, same_sign=False, noised=True, tt_zero=False,
-                 fixed_tau=False, hard_clamp=False, drop_cond=False):
+                 fixed_tau=False, hard_clamp=False, drop_cond=False, delta_v_grad=False):
     def rectify_loss(model, F_one_step, x_fake, cond, clamp=1.0):
         clamp = 1.0 if hard_clamp else clamp
         cond = {} if drop_cond else cond
-        with torch.no_grad():
+        with torch.enable_grad() if delta_v_grad else torch.no_grad():
             z, tau = torch.randn_like(x_fake), torch.rand(x_fake.shape[0])
             tau = torch.full_like(tau, 1e-3) if fixed_tau else tau
             x_tau = interpolate(x_fake, z, tau) if noised else x_fake
@@ -152,6 +166,8 @@ def rectify_with(flip=False, detach_target=True, clamp_it=True, same_sign=False,
             real = model(x_tau, tau, target_time, **cond)
             delta_v = (real - fake) if flip else (fake - real)
             delta_v = delta_v.clamp(-clamp, clamp) if clamp_it else delta_v
+        if delta_v_grad:  # F_one_step detached, Δv not: the model's weights get L_rectify's gradient
+            return per_sample_mse(F_one_step, F_one_step.detach() - delta_v)
         target = F_one_step - delta_v
         return per_sample_mse(F_one_step, target.detach() if detach_target else target)
     return rectify_loss
@@ -217,6 +233,17 @@ def batched_enhanced(ema_model, x_t, t, x, z, cond, null_cond, kappa):
         return (z - x) + kappa * (conditional - unconditional)
 
 
+def half_kappa_enhanced(ema_model, x_t, t, x, z, cond, null_cond, kappa):
+    return common.enhanced_velocity(ema_model, x_t, t, x, z, cond, null_cond, kappa / 2)
+
+
+def jump_enhanced(ema_model, x_t, t, x, z, cond, null_cond, kappa):
+    """Guidance read from the jump to the data (tt = 0), not from the instantaneous velocity."""
+    with torch.no_grad():
+        zero = torch.zeros_like(t)
+        return (z - x) + kappa * (ema_model(x_t, t, zero, **cond) - ema_model(x_t, t, zero, **null_cond))
+
+
 def grad_enhanced(ema_model, x_t, t, x, z, cond, null_cond, kappa):
     return common.enhanced_velocity.__wrapped__(ema_model, x_t, t, x, z, cond, null_cond, kappa)
 
@@ -233,6 +260,8 @@ PLANTED = [
     ("adversarial", flipped_target_adversarial, "target sign"),
     ("adversarial", fixed_tau_adversarial, "not one fixed τ"),
     ("adversarial", unnoised_adversarial, "x_τ is not τ·z'"),
+    ("adversarial", mixed_sign_adversarial, "NEGATIVE time"),
+    ("adversarial", narrow_noise_adversarial, "x_τ is not τ·z'"),
     ("adversarial", no_grad_adversarial, "no gradient reaches the model"),
     ("rectify", rectify_with(flip=True), "AWAY from the real data"),
     ("rectify", rectify_with(detach_target=False), "no gradient reaches F_one_step"),
@@ -242,6 +271,7 @@ PLANTED = [
     ("rectify", rectify_with(tt_zero=True), "tt = t"),
     ("rectify", rectify_with(fixed_tau=True), "not one fixed τ'"),
     ("rectify", rectify_with(drop_cond=True), "pass the conditioning"),
+    ("rectify", rectify_with(delta_v_grad=True), "missing stop-gradient"),
     ("base_target", unguarded_base_target, "inf/NaN"),
     ("base_target", unclamped_base_target, "clamp"),
     ("base_target", one_substep_base_target, "order"),
@@ -251,6 +281,8 @@ PLANTED = [
     ("enhanced", flipped_enhanced, "sign"),
     ("enhanced", shuffled_enhanced, "use null_cond"),
     ("enhanced", grad_enhanced, "under torch.no_grad"),
+    ("enhanced", half_kappa_enhanced, "does not hold"),
+    ("enhanced", jump_enhanced, "does not hold"),
 ]
 
 
@@ -275,3 +307,32 @@ def test_learner_stubs_stay_unsolved(module, function, name):
     """The shipped files are TODOs; the checkers report them as such, not as a crash."""
     with pytest.raises(AssertionError, match="not solved yet"):
         REFERENCES[name][0](getattr(importlib.import_module(module), function))
+
+
+def test_the_learners_test_file_checks_each_exercise_function(monkeypatch):
+    """exercises/test_exercises.py, the file learners run: with every exercise solved (the references)
+    all its tests pass, and a wrong answer in one exercise's function fails that exercise's test."""
+    learner = importlib.import_module("test_exercises")
+    solved = [("ex1_interpolate", "interpolate", common.interpolate), ("ex1_interpolate", "predict", common.predict),
+              ("ex2_adversarial", "adversarial_loss", reference_adversarial),
+              ("ex3_rectify", "rectify_loss", common.rectify_loss), ("ex4_base_target", "base_target", common.base_target),
+              ("ex5_heun", "sample_heun", reference_heun), ("ex6_enhanced", "enhanced_velocity", common.enhanced_velocity)]
+    for module, function, reference in solved:
+        monkeypatch.setattr(importlib.import_module(module), function, reference)
+    tests = {name: getattr(learner, name) for name in dir(learner) if name.startswith("test_")}
+    assert len(tests) == len(solved)
+    for test in tests.values():
+        test()
+    wrong = {"test_interpolate": ("ex1_interpolate", "interpolate", swapped_interpolate),
+             "test_predict": ("ex1_interpolate", "predict", plus_predict),
+             "test_adversarial": ("ex2_adversarial", "adversarial_loss", positive_time_adversarial),
+             "test_rectify": ("ex3_rectify", "rectify_loss", rectify_with(hard_clamp=True)),  # right at clamp 1 only
+             "test_base_target": ("ex4_base_target", "base_target", one_substep_base_target),
+             "test_heun": ("ex5_heun", "sample_heun", heun_with(correct=False)),
+             "test_enhanced": ("ex6_enhanced", "enhanced_velocity", flipped_enhanced)}
+    assert set(wrong) == set(tests)
+    for name, (module, function, answer) in wrong.items():
+        with monkeypatch.context() as patch:
+            patch.setattr(importlib.import_module(module), function, answer)
+            with pytest.raises(AssertionError):
+                tests[name]()
