@@ -41,12 +41,14 @@ def test_counts_on_8_gaussians_see_stray_samples_narrow_peaked_and_uneven_modes(
     assert rows["collapsed"][1] == 0 and rows["collapsed"][5] > 0.05
 
 
-def test_counts_on_checkerboard_and_a_bad_file(tmp_path):
+def test_counts_on_checkerboard_and_a_bad_file(tmp_path, capsys):
     data = toy_2d.make_target("checkerboard", 20_000, np.random.default_rng(0))
     flipped = data + [1.0, 0.0]  # one square to the right: every point on the wrong colour or off the board
     np.savez(tmp_path / "samples.npz", data=data, flipped=flipped)
     rows = toy_modes.main(["--target", "checkerboard", str(tmp_path / "samples.npz")])
     assert rows["data"][0] == 0 and rows["flipped"][0] == 1
+    printed = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[2:]}
+    assert printed["flipped"][0] == "100.00%" and printed["data"][0] == "0.00%"  # shares in %
     np.savez(tmp_path / "other.npz", data=data)
     with pytest.raises(SystemExit, match="holds other arrays"):  # runs that do not match: no silent mean
         toy_modes.main(["--target", "checkerboard", str(tmp_path / "samples.npz"), str(tmp_path / "other.npz")])
@@ -59,3 +61,20 @@ def test_counts_on_checkerboard_and_a_bad_file(tmp_path):
     (tmp_path / "bad.npz").write_text("not an npz")
     with pytest.raises(SystemExit, match="not a readable samples.npz"):
         toy_modes.main([str(tmp_path / "bad.npz")])
+
+
+def test_several_files_give_the_mean_of_their_counts(tmp_path):
+    """Three seeds' files whose shares off the squares are 0, 30 and 90 %: the row is their mean, 40 %
+    (a median would say 30 %), and every column is the mean of the files' own rows."""
+    data = toy_2d.make_target("checkerboard", 2_000, np.random.default_rng(0))
+    paths = []
+    for seed, share in enumerate((0.0, 0.3, 0.9)):
+        moved = data.copy()
+        moved[: int(share * len(data))] += [1.0, 0.0]  # one square to the right: off the squares
+        os.makedirs(tmp_path / f"s{seed}")
+        paths.append(str(tmp_path / f"s{seed}" / "samples.npz"))
+        np.savez(paths[-1], data=data, moved=moved)
+    rows = toy_modes.main(["--target", "checkerboard", *paths])
+    assert rows["moved"][0] == pytest.approx(0.4)
+    alone = [toy_modes.main(["--target", "checkerboard", path])["moved"] for path in paths]
+    np.testing.assert_allclose(rows["moved"], np.mean(alone, 0))
