@@ -17,17 +17,25 @@ spec.loader.exec_module(toy_delta_v)
 TINY = ["--train-steps", "8", "--width", "16", "--num-eval", "300", "--device", "cpu"]
 
 
-def test_the_learned_run_is_toy_2d_and_the_bank_run_is_not(tmp_path):
+def test_the_learned_run_is_toy_2d_and_the_bank_run_is_not(tmp_path, capsys):
     results = toy_delta_v.main(TINY + ["--bank", "32", "--table-bank", "400", "--table-points", "50",
                                        "--out", str(tmp_path / "dv")])
+    printed = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip().startswith(("learned:", "bank:"))]
+    for row in printed:  # "learned: 1 NFE a   4 NFE b   100 NFE c"
+        swd = results["swd"][row[0].rstrip(":")]
+        assert row[1:] == ["1", "NFE", f"{swd['nfe1']:.4f}", "4", "NFE", f"{swd['nfe4']:.4f}",
+                           "100", "NFE", f"{swd['nfe100']:.4f}"]
+    assert len(printed) == 2
     alone = toy_2d.main(TINY + ["--methods", "twinflow", "--out", str(tmp_path / "alone")])
     for key in ("nfe1", "nfe4", "nfe100"):
         assert results["swd"]["learned"][key] == alone["twinflow"][key], key
     assert results["swd"]["bank"]["nfe1"] != results["swd"]["learned"]["nfe1"]  # L_rectify's Δv did change
     assert (toy_2d.train.__name__, common.rectify_loss.__name__) == ("train", "rectify_loss")  # restored
     assert len(results["branches"]) == len(toy_delta_v.BANDS)
+    may_be_empty = {"real_error_off_data", "bank_noise_off_data", "real_error_on_data"}  # no sample on that side
     for row in results["branches"].values():
-        assert all(torch.isfinite(torch.tensor(v)) for v in row.values()) and -1 <= row["cosine"] <= 1
+        assert all(v is None and key in may_be_empty or v is not None and torch.isfinite(torch.tensor(v))
+                   for key, v in row.items()) and -1 <= row["cosine"] <= 1
     assert json.loads((tmp_path / "dv" / "delta_v.json").read_text())["swd"] == results["swd"]
 
 
@@ -65,6 +73,10 @@ def test_bank_delta_v_moves_the_one_step_samples_toward_the_data(exact):
     else:
         assert rightward > 0.9
     assert F_one.grad[:, 0].abs().max() <= 2 * 1.0 / 2 + 1e-6  # Δv clamped to [−1, 1], D = 2
+    if exact == "both":  # unclamped, Δv is a velocity: (E_real − E_fake)/τ′ ≈ 3/τ′, τ′ ~ U(0.02, 0.5),
+        F_one.grad = None  # so about 3·E[1/τ′] ≈ 20 on the mean (an x-space difference would be ≈ 3)
+        run._bank_rectify_loss(model, F_one, (z - F_one).detach(), {}, clamp=1e3, max_time=0.5).sum().backward()
+        assert F_one.grad[:, 0].mean() > 10
 
 
 class ExactForGaussianData(torch.nn.Module):
@@ -102,6 +114,42 @@ def test_branch_table_of_an_exact_model_is_bank_noise_and_of_a_wrong_one_is_not(
         assert r["fake_error"] < 1.5 * r["bank_noise_at_samples"], band  # the fake branch is still exact
         # Its Δv is F/2, but the two distributions are the same, so the exact Δv is 0: all of it is error.
         assert r["|learned delta_v|"] > 2 * r["|bank delta_v|"] and r["delta_v_error"] > 0.8 * r["|learned delta_v|"], band
+
+
+class ShiftedSamples(torch.nn.Module):
+    """Data x ~ N(0, I) and one-step samples x̂ = z + shift ~ N(shift, I), with each branch exact: the
+    real one for the data, the fake one for the samples. So the learned Δv is the exact one."""
+
+    def __init__(self, shift=(1.0, 0.0)):
+        super().__init__()
+        self.shift = torch.tensor(shift)
+
+    @staticmethod
+    def velocity(x_t, a, mean):  # of data N(mean, I): E[x | x_a] = mean + (1 − a)/((1 − a)² + a²)·(x_a − (1 − a)·mean)
+        return (x_t - mean - (1 - a) / ((1 - a) ** 2 + a**2) * (x_t - (1 - a) * mean)) / a
+
+    def forward(self, x_t, t, tt):
+        a = t.abs()[:, None]
+        F = torch.where((t > 0)[:, None], self.velocity(x_t, a, torch.zeros(2)), self.velocity(x_t, a, self.shift))
+        return torch.where((a == 1) & (tt[:, None] == 0), -self.shift.expand_as(F), F)
+
+
+def test_branch_table_of_samples_off_the_data_compares_each_branch_with_its_own_bank():
+    """The fake branch is checked against the bank of the model's samples, not the data's; the learned Δv
+    (fake − real) agrees with the bank's where the banks are precise (τ′ ≥ 0.2); the bank's noise is
+    larger at the samples, off the centre of the data, than at the data."""
+    torch.manual_seed(0)
+    args = toy_delta_v.parser.parse_args(["--table-bank", "10000", "--table-points", "300"])
+    rows = toy_delta_v.branch_table(ShiftedSamples(), torch.randn(10_000, 2), args)
+    for band, r in rows.items():
+        assert r["fake_error"] < 1.5 * r["bank_noise_at_samples"], band
+        assert r["real_error_at_data"] < 1.5 * r["bank_noise_at_data"], band
+    for band in ("0.02-0.05", "0.05-0.1", "0.1-0.2", "0.2-0.3"):
+        assert rows[band]["bank_noise_at_samples"] > 1.3 * rows[band]["bank_noise_at_data"], band
+    for band in ("0.2-0.3", "0.3-0.5"):
+        r = rows[band]
+        assert r["cosine"] > 0.9 and r["delta_v_error"] < 0.3 * r["|bank delta_v|"], band
+        assert r["|learned delta_v|"] > 0.3 and r["fake_error"] < 0.2 * r["|learned delta_v|"], band
 
 
 def test_bank_velocity_is_the_same_in_chunks():
