@@ -8,6 +8,7 @@ import torch
 
 import common
 import toy_2d
+from exact_fields import ExactForGaussianData, ShiftedSamples
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 spec = importlib.util.spec_from_file_location("toy_delta_v", os.path.join(HERE, "..", "benchmarks", "toy_delta_v.py"))
@@ -79,22 +80,6 @@ def test_bank_delta_v_moves_the_one_step_samples_toward_the_data(exact):
         assert F_one.grad[:, 0].mean() > 10
 
 
-class ExactForGaussianData(torch.nn.Module):
-    """The exact velocity of data x ~ N(0, I): E[x | x_τ] = (1 − τ)/((1 − τ)² + τ²)·x_τ, for both signs
-    of t (its one-step samples are distributed as the data, so the fake field is the real one), and
-    F(z, 1, 0) = 0, so that x̂ = z ~ N(0, I)."""
-
-    def __init__(self, real_branch_scale=1.0):
-        super().__init__()
-        self.real_branch_scale = real_branch_scale
-
-    def forward(self, x_t, t, tt):
-        a = t.abs()[:, None]
-        F = (1 - (1 - a) / ((1 - a) ** 2 + a**2)) * x_t / a
-        F = torch.where((t > 0)[:, None], self.real_branch_scale * F, F)
-        return torch.where(((a == 1) & (tt[:, None] == 0)), torch.zeros_like(F), F)
-
-
 def test_branch_table_of_an_exact_model_is_bank_noise_and_of_a_wrong_one_is_not():
     torch.manual_seed(0)
     data = torch.randn(10_000, 2)
@@ -114,24 +99,6 @@ def test_branch_table_of_an_exact_model_is_bank_noise_and_of_a_wrong_one_is_not(
         assert r["fake_error"] < 1.5 * r["bank_noise_at_samples"], band  # the fake branch is still exact
         # Its Δv is F/2, but the two distributions are the same, so the exact Δv is 0: all of it is error.
         assert r["|learned delta_v|"] > 2 * r["|bank delta_v|"] and r["delta_v_error"] > 0.8 * r["|learned delta_v|"], band
-
-
-class ShiftedSamples(torch.nn.Module):
-    """Data x ~ N(0, I) and one-step samples x̂ = z + shift ~ N(shift, I), with each branch exact: the
-    real one for the data, the fake one for the samples. So the learned Δv is the exact one."""
-
-    def __init__(self, shift=(1.0, 0.0)):
-        super().__init__()
-        self.shift = torch.tensor(shift)
-
-    @staticmethod
-    def velocity(x_t, a, mean):  # of data N(mean, I): E[x | x_a] = mean + (1 − a)/((1 − a)² + a²)·(x_a − (1 − a)·mean)
-        return (x_t - mean - (1 - a) / ((1 - a) ** 2 + a**2) * (x_t - (1 - a) * mean)) / a
-
-    def forward(self, x_t, t, tt):
-        a = t.abs()[:, None]
-        F = torch.where((t > 0)[:, None], self.velocity(x_t, a, torch.zeros(2)), self.velocity(x_t, a, self.shift))
-        return torch.where((a == 1) & (tt[:, None] == 0), -self.shift.expand_as(F), F)
 
 
 def test_branch_table_of_samples_off_the_data_compares_each_branch_with_its_own_bank():

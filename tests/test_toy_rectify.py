@@ -8,6 +8,7 @@ import torch
 
 import common
 import toy_2d
+from exact_fields import ShiftedSamples
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 spec = importlib.util.spec_from_file_location("toy_rectify", os.path.join(HERE, "..", "benchmarks", "toy_rectify.py"))
@@ -25,6 +26,13 @@ def test_bank_posterior_mean_matches_the_gaussian_closed_form_and_equal_banks_gi
     assert torch.allclose(toy_rectify.posterior_mean(bank, x_tau, tau), gain[:, None] * x_tau, atol=0.02)
     small, x_tau, tau = torch.randn(256, 2), torch.randn(64, 2), torch.rand(64).clamp_min(0.05)
     assert toy_rectify.exact_delta_v(small, small, x_tau, tau).abs().max() < 1e-6
+    # Two Gaussians with different means: Δv = (E_real[x | x_τ] − E_fake[x | x_τ])/τ, a velocity
+    shift = torch.tensor([1.0, 0.0])
+    real_bank, fake_bank = bank, bank + shift
+    x_tau, tau = torch.tensor([[0.5, -0.3], [1.0, 0.2], [-0.4, 0.9]]), torch.tensor([0.2, 0.5, 0.8])
+    posterior = lambda mean: mean + gain[:, None] * (x_tau - (1 - tau)[:, None] * mean)  # of N(mean, s²)
+    expected = (posterior(torch.zeros(2)) - posterior(shift)) / tau[:, None]
+    assert torch.allclose(toy_rectify.exact_delta_v(real_bank, fake_bank, x_tau, tau), expected, atol=0.05)
 
 
 def test_delta_v_comes_from_the_model_the_variant_names():
@@ -41,6 +49,65 @@ def test_delta_v_comes_from_the_model_the_variant_names():
             torch.manual_seed(1)
             assert torch.equal(common.rectify_loss(model, F_one, x_fake, {}), expected[source]), variant
     assert common.rectify_loss is original
+
+
+def test_the_oracle_pulls_the_one_step_samples_toward_the_data():
+    """twinflow+oracle: Δv from a bank of the data (far to the right) and one of the model's own
+    samples (F = 0: the noise, around the origin), so a descent step moves x̂ = z − F right: the
+    gradient on F points right (∇_F L = 2·Δv / D)."""
+    torch.manual_seed(0)
+    model = toy_2d.MLP(16)
+    with torch.no_grad():
+        model.net[-1].bias.zero_(), model.net[-1].weight.zero_()
+    args = toy_rectify.parser.parse_args(["--bank", "256"])
+    data = torch.tensor([3.0, 0.0]) + 0.1 * torch.randn(1000, 2)
+    F_one = torch.zeros(64, 2, requires_grad=True)
+    with toy_rectify.patched("twinflow+oracle", data, model, args, {}):
+        common.rectify_loss(model, F_one, 0.2 * torch.randn(64, 2), {}).sum().backward()
+    assert (F_one.grad[:, 0] > 0).float().mean() > 0.9
+
+
+def test_each_variant_trains_with_its_batch_and_weights(monkeypatch):
+    seen, real = {}, common.training_loss
+
+    def spy(model, ema, x, method, rectify_weight, adv_weight):
+        seen.setdefault(variant, set()).add((len(x), method, rectify_weight, adv_weight))
+        return real(model, ema, x, method=method, rectify_weight=rectify_weight, adv_weight=adv_weight)
+    monkeypatch.setattr(common, "training_loss", spy)
+    args = toy_rectify.parser.parse_args(["--train-steps", "2", "--batch", "16", "--width", "8", "--bank", "8"])
+    for variant in toy_rectify.VARIANTS:
+        toy_rectify.train(variant, torch.randn(100, 2), args)
+    assert seen["rcgm+3/4-batch"] == {(12, "rcgm", 0.5, 1.0)}  # common.py's defaults: 0.5 and 1
+    assert seen["twinflow+no-rectify"] == {(16, "twinflow", 0.0, 1.0)}
+    assert seen["twinflow+adv-0.25"] == seen["twinflow+direct+adv-0.25"] == {(16, "twinflow", 0.5, 0.25)}
+    for variant in set(toy_rectify.VARIANTS) - {"rcgm+3/4-batch", "twinflow+no-rectify", "twinflow+adv-0.25",
+                                                  "twinflow+direct+adv-0.25"}:
+        assert seen[variant] == {(16, variant.split("+")[0], 0.5, 1.0)}, variant
+
+
+def test_delta_v_agreement_of_an_exact_model():
+    """Each branch exact and the samples off the data: the learned Δv is the bank's wherever the
+    20,000-point banks are precise (τ ≥ 0.3), in size and in direction."""
+    torch.manual_seed(0)
+    rows = toy_rectify.delta_v_agreement(ShiftedSamples(), torch.randn(20_000, 2), n=500)
+    for band in ("tau 0.3-0.6", "tau 0.6-1.0"):
+        r = rows[band]
+        assert r["cosine"] > 0.95 and r["|exact|"] > 0.5 and r["|error|"] < 0.1 * r["|learned|"], band
+
+
+def test_the_share_within_the_clamp_is_counted_on_the_one_step_part():
+    """|F − F*| < Δt on the one-step rows, per coordinate: 2 rows within, 2 rows 3·Δt off → a half."""
+    torch.manual_seed(0)
+    ema, B = toy_2d.MLP(32).requires_grad_(False), 8
+    x_t, v_star = torch.randn(B, 2), torch.randn(B, 2)
+    t, tt = torch.cat([torch.ones(4), torch.rand(4)]), torch.cat([torch.zeros(4), torch.rand(4) * 0.5])
+    stats = {}
+    with toy_rectify.patched("rcgm+direct", torch.randn(100, 2), ema, None, stats):
+        F_star = common.base_target(ema, torch.randn(B, 2), x_t, t, tt, v_star, {})[:4]
+        F = torch.randn(B, 2)
+        F[:4] = F_star + common.DT * torch.tensor([0.5, 0.5, 3.0, 3.0])[:, None] * torch.tensor([1.0, -1.0])
+        common.base_target(ema, F, x_t, t, tt, v_star, {})
+    assert stats["unclamped"] == 0.5
 
 
 def test_direct_one_step_target_is_the_point_base_target_is_consistent_with():
