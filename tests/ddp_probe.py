@@ -21,10 +21,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def probe_command(script, flags, skip_md5=False):
     """The torchrun command that runs `script` (a module name) with `flags` through this probe, on 2
-    processes. --standalone lets torchrun take a free port itself: a port picked here and released
-    could be taken by another process before the ranks bind it.
+    processes. --standalone lets torchrun's rendezvous store take a free port itself (a port picked
+    here and released could be taken by another process first); --local-addr keeps it on loopback,
+    where it would otherwise use this machine's hostname, which a sandbox may not resolve (a hang).
     skip_md5: skip torchvision's checksum of CIFAR's files (a tiny test CIFAR cannot match it)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr", "127.0.0.1",
+            "--nproc_per_node", "2",
             os.path.abspath(__file__), script, *(["--skip-md5"] if skip_md5 else []), *flags]
 
 

@@ -1,5 +1,6 @@
-"""Models whose velocity fields are known in closed form, for the benchmarks' tests: with each branch
-exact, the learned Δv is the exact one, so a benchmark's estimate of it can be checked."""
+"""Models whose velocity fields are known in closed form, for the benchmarks' tests: where both branches
+are exact, the learned Δv is the exact one, so a benchmark's estimate of it can be checked; a branch
+made wrong on purpose must show up in it."""
 import torch
 
 
@@ -25,13 +26,16 @@ class ShiftedSamples(torch.nn.Module):
 
     def __init__(self, shift=(1.0, 0.0)):
         super().__init__()
-        self.shift = torch.tensor(shift)
+        self.register_buffer("shift", torch.tensor(shift))
 
     @staticmethod
-    def velocity(x_t, a, mean):  # of data N(mean, I): E[x | x_a] = mean + (1 − a)/((1 − a)² + a²)·(x_a − (1 − a)·mean)
+    def velocity(x_t, a, mean):
+        """(x_a − E[x | x_a])/a for data N(mean, I), where
+        E[x | x_a] = mean + (1 − a)/((1 − a)² + a²)·(x_a − (1 − a)·mean)."""
         return (x_t - mean - (1 - a) / ((1 - a) ** 2 + a**2) * (x_t - (1 - a) * mean)) / a
 
     def forward(self, x_t, t, tt):
         a = t.abs()[:, None]
-        F = torch.where((t > 0)[:, None], self.velocity(x_t, a, torch.zeros(2)), self.velocity(x_t, a, self.shift))
+        real, fake = self.velocity(x_t, a, torch.zeros_like(self.shift)), self.velocity(x_t, a, self.shift)
+        F = torch.where((t > 0)[:, None], real, fake)
         return torch.where((a == 1) & (tt[:, None] == 0), -self.shift.expand_as(F), F)

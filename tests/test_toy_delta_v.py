@@ -21,7 +21,8 @@ TINY = ["--train-steps", "8", "--width", "16", "--num-eval", "300", "--device", 
 def test_the_learned_run_is_toy_2d_and_the_bank_run_is_not(tmp_path, capsys):
     results = toy_delta_v.main(TINY + ["--bank", "32", "--table-bank", "400", "--table-points", "50",
                                        "--out", str(tmp_path / "dv")])
-    printed = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip().startswith(("learned:", "bank:"))]
+    printed = [line.split() for line in capsys.readouterr().out.splitlines()
+               if line.strip().startswith(("learned:", "bank:"))]
     for row in printed:  # "learned: 1 NFE a   4 NFE b   100 NFE c"
         swd = results["swd"][row[0].rstrip(":")]
         assert row[1:] == ["1", "NFE", f"{swd['nfe1']:.4f}", "4", "NFE", f"{swd['nfe4']:.4f}",
@@ -102,16 +103,17 @@ def test_branch_table_of_an_exact_model_is_bank_noise_and_of_a_wrong_one_is_not(
 
 
 def test_branch_table_of_samples_off_the_data_compares_each_branch_with_its_own_bank():
-    """The fake branch is checked against the bank of the model's samples, not the data's; the learned Δv
-    (fake − real) agrees with the bank's where the banks are precise (τ′ ≥ 0.2); the bank's noise is
-    larger at the samples, off the centre of the data, than at the data."""
+    """The fake branch's error is measured against the bank of the model's samples, not the data's (so
+    here it is no larger than bank noise); the learned Δv (fake − real) agrees with the bank's where the
+    banks are precise (τ′ ≥ 0.2); the bank's noise is larger at the samples, off the centre of the
+    data, than at the data."""
     torch.manual_seed(0)
     args = toy_delta_v.parser.parse_args(["--table-bank", "10000", "--table-points", "300"])
     rows = toy_delta_v.branch_table(ShiftedSamples(), torch.randn(10_000, 2), args)
     for band, r in rows.items():
         assert r["fake_error"] < 1.5 * r["bank_noise_at_samples"], band
         assert r["real_error_at_data"] < 1.5 * r["bank_noise_at_data"], band
-    for band in ("0.02-0.05", "0.05-0.1", "0.1-0.2", "0.2-0.3"):
+    for band in ("0.02-0.05", "0.05-0.1"):  # where the bank is sparsest: 1.48× or more on seeds 0–11
         assert rows[band]["bank_noise_at_samples"] > 1.3 * rows[band]["bank_noise_at_data"], band
     for band in ("0.2-0.3", "0.3-0.5"):
         r = rows[band]

@@ -65,7 +65,7 @@ def test_counts_on_checkerboard_and_a_bad_file(tmp_path, capsys):
 
 def test_several_files_give_the_mean_of_their_counts(tmp_path):
     """Three seeds' files whose shares off the squares are 0, 30 and 90 %: the row is their mean, 40 %
-    (a median would say 30 %), and every column is the mean of the files' own rows."""
+    (a median would say 30 %), and the row is the mean of the files' own rows."""
     data = toy_2d.make_target("checkerboard", 2_000, np.random.default_rng(0))
     paths = []
     for seed, share in enumerate((0.0, 0.3, 0.9)):
