@@ -8,6 +8,7 @@ check what a finished multi-process run cannot show on its own:
     python -m torch.distributed.run --nproc_per_node 2 tests/ddp_probe.py mnist_twinflow [--skip-md5] [flags...]
 
 Each rank writes {--out}/probe_rank{rank}.pt: {"batches": the x of every training_loss call,
+"losses": the loss each call returned (this rank's own, before any averaging for the log),
 "ema": the EMA's weights (when train() returns an EMA first)}.
 """
 import importlib
@@ -33,7 +34,7 @@ def probe_command(script, flags, skip_md5=False):
 def check_two_ranks(out, steps, same_weights=True):
     """Both ranks took `steps` steps, each on batches of its own, and (same_weights) ended with the
     same EMA weights. The probe's files are removed once read, so a later run in the same folder
-    cannot pass on them."""
+    cannot pass on them; what they held is returned, one dict per rank."""
     paths = [os.path.join(out, f"probe_rank{rank}.pt") for rank in (0, 1)]
     ranks = [torch.load(path) for path in paths]
     for path in paths:
@@ -45,23 +46,26 @@ def check_two_ranks(out, steps, same_weights=True):
         assert ranks[0]["ema"] is not None and ranks[1]["ema"] is not None, "train() returned no EMA"
         for name, weight in ranks[0]["ema"].items():
             assert torch.equal(weight, ranks[1]["ema"][name]), f"{name}: the ranks' weights drifted apart"
+    return ranks
 
 
 def run_main_recording(script_name, argv):
     sys.path.insert(0, ROOT)
     script = importlib.import_module(script_name)
-    batches = []
+    batches, losses = [], []
     training_loss, train = script.training_loss, script.train
 
     def recording_loss(model, ema_model, x, *args, **kwargs):
         batches.append(x.detach().float().cpu().clone())
-        return training_loss(model, ema_model, x, *args, **kwargs)
+        loss, terms = training_loss(model, ema_model, x, *args, **kwargs)
+        losses.append(loss.item())
+        return loss, terms
 
     def recording_train(args, rank, world, device):
         result = train(args, rank, world, device)
         ema = result[0] if isinstance(result[0], torch.nn.Module) else None
         os.makedirs(args.out, exist_ok=True)
-        torch.save({"batches": batches,
+        torch.save({"batches": batches, "losses": losses,
                     "ema": None if ema is None else {k: v.cpu() for k, v in ema.state_dict().items()}},
                    os.path.join(args.out, f"probe_rank{rank}.pt"))
         return result
