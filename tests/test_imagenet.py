@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
+import torchvision  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import imagenet_twinflow  # noqa: E402
@@ -162,6 +163,57 @@ def test_flip_copies_are_mirrored_left_to_right(assets, tmp_path, monkeypatch):
     shard = torch.load(tmp_path / "latents" / "shard_00000.pt")["latents"]  # 4 images, then their copies
     assert shard.shape[0] == 8 and not torch.equal(shard[:4], shard[:4].flip(-1))
     assert torch.equal(shard[4:], shard[:4].flip(-1))  # a flip along the width, not the height
+
+
+class ScaledNoisyVAE(PoolingVAE):
+    """A stand-in VAE with a scaling factor of 0.5 whose posterior draws come from torch's global RNG."""
+    config = types.SimpleNamespace(scaling_factor=0.5)
+
+    def encode(self, x):
+        mean = super().encode(x).latent_dist.sample()
+        return types.SimpleNamespace(latent_dist=types.SimpleNamespace(sample=lambda: mean + 0.1 * torch.randn_like(mean)))
+
+
+def test_extraction_scales_pixels_and_latents_and_seeds_each_shard(assets, tmp_path, monkeypatch):
+    """Pixels in [−1, 1] (ADM's centre crop), latents times the VAE's scaling factor, which meta.json keeps
+    for decoding, and each shard's posterior draws from a seed of its own."""
+    monkeypatch.setattr(imagenet_twinflow, "load_vae", lambda name, device: ScaledNoisyVAE())
+    imagenet_twinflow.main(flags(assets, "--extract", "--image-dir", str(assets / "images"), "--shard-size", "3",
+                                 "--latents", str(tmp_path / "latents")))
+    assert json.loads((tmp_path / "latents" / "meta.json").read_text())["scaling_factor"] == 0.5
+    crop = torchvision.transforms.Compose([  # the same crop, with the [0, 1] → [−1, 1] scaling done here
+        torchvision.transforms.Resize(16, interpolation=torchvision.transforms.InterpolationMode.BICUBIC),
+        torchvision.transforms.CenterCrop(16), torchvision.transforms.ToTensor()])
+    folder = torchvision.datasets.ImageFolder(str(assets / "images"), transform=crop)
+    pixels = torch.stack([image for image, _ in folder]) * 2 - 1
+    pooled = torch.nn.functional.avg_pool2d(pixels, 2)
+    means = 0.5 * torch.cat([pooled, pooled[:, :1]], 1)
+    shards = [torch.load(tmp_path / "latents" / f"shard_0000{k}.pt")["latents"].float() for k in (0, 1)]
+    draws = [shards[0] - means[:3], shards[1] - means[3:]]
+    for draw in draws:  # the stand-in's draws are 0.5 × 0.1 × N(0, 1), stored in float16
+        assert draw.abs().max() < 0.3 and 0.03 < draw.std() < 0.07
+    assert not torch.allclose(draws[0], draws[1], atol=1e-2)  # shards of the same size, seeds of their own
+
+
+def test_the_flags_reach_the_loss_the_optimizer_and_both_emas(assets, latents, tmp_path, monkeypatch):
+    seen, real = [], imagenet_twinflow.training_loss
+
+    def spy(model, ema, x, **kwargs):
+        seen.append(kwargs)
+        return real(model, ema, x, **kwargs)
+    monkeypatch.setattr(imagenet_twinflow, "training_loss", spy)
+    run = lambda name, *extra: imagenet_twinflow.main(flags(assets, "--out", str(tmp_path / name), "--method", "rcgm",
+                                                            "--kappa", "0.3", "--order", "3", "--lr", "3e-4", *extra))
+    run("one", "--train-steps", "1")
+    run("two", "--train-steps", "2", "--ema", "0.05", "--target-ema", "0.5")
+    assert [(k["method"], k["kappa"], k["order"]) for k in seen] == [("rcgm", 0.3, 3)] * 3
+    load = lambda name: torch.load(tmp_path / name / "checkpoint.pt", weights_only=False)
+    one, two = load("one"), load("two")
+    assert two["opt"]["param_groups"][0]["lr"] == 3e-4 and two["opt"]["param_groups"][0]["weight_decay"] == 0
+    for name, value in one["model"].items():  # step 0: decay 0; step 1: min(decay, 1/11)
+        if value.is_floating_point():
+            torch.testing.assert_close(two["ema"][name], torch.lerp(value, two["model"][name], 1 - 0.05))
+            torch.testing.assert_close(two["target_ema"][name], torch.lerp(value, two["model"][name], 1 - 1 / 11))
 
 
 def test_train_resume_sample_and_fid(assets, latents, tmp_path, monkeypatch):
