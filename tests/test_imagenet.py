@@ -171,7 +171,8 @@ class ScaledNoisyVAE(PoolingVAE):
 
     def encode(self, x):
         mean = super().encode(x).latent_dist.sample()
-        return types.SimpleNamespace(latent_dist=types.SimpleNamespace(sample=lambda: mean + 0.1 * torch.randn_like(mean)))
+        draw = lambda: mean + 0.1 * torch.randn_like(mean)
+        return types.SimpleNamespace(latent_dist=types.SimpleNamespace(sample=draw))
 
 
 def test_extraction_scales_pixels_and_latents_and_seeds_each_shard(assets, tmp_path, monkeypatch):
