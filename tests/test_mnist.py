@@ -398,7 +398,8 @@ def test_two_process_ddp_on_cpu(data_root, tmp_path):
     assert state["logs"][0]["loss"] == pytest.approx((ranks[0]["losses"][0] + ranks[1]["losses"][0]) / 2)  # the mean
     assert state["opt"]["param_groups"][0]["lr"] == state["config"]["lr"]  # --lr as given, whatever the world size
     small = subprocess.run(probe_command("mnist_twinflow", tiny(data_root, tmp_path / "small", "--batch", "6")),
-                           cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                           cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert small.returncode != 0 and "--batch 6 over 2 rank(s)" in small.stderr  # 3 a rank: twinflow needs 4
 
 

@@ -401,6 +401,37 @@ def test_text_dropout_drops_that_share_of_captions(assets, cache, tmp_path, monk
     assert len(drops) == 8 and 0 < share < 0.5  # 32 captions at 0.25 (a flipped comparison drops 75 %)
 
 
+def test_the_flags_reach_the_loss_the_optimizer_and_the_clip_and_targets_come_from_the_ema(
+        assets, cache, tmp_path, monkeypatch):
+    wraps, seen, optimizers, clips = {}, [], [], []
+    real_velocity_fn, real_loss, real_adamw = sq.velocity_fn, sq.training_loss, torch.optim.AdamW
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def velocity_fn(transformer, grid):  # which transformer each velocity function runs
+        velocity = real_velocity_fn(transformer, grid)
+        wraps[velocity] = transformer
+        return velocity
+
+    def spy(model, target_model, x, **kwargs):
+        seen.append((wraps[model], wraps[target_model], kwargs))
+        return real_loss(model, target_model, x, **kwargs)
+    monkeypatch.setattr(sq, "velocity_fn", velocity_fn)
+    monkeypatch.setattr(sq, "training_loss", spy)
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, **kw: optimizers.append(kw) or real_adamw(params, **kw))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: clips.append(max_norm) or
+                        real_clip(params, max_norm))
+    sq.main(train_flags(assets, cache, tmp_path / "ema", 2, "--ema", "0.5", "--method", "rcgm", "--kappa", "0.3",
+                        "--order", "3", "--rectify-weight", "0.3", "--lr", "3e-4", "--clip", "2.5"))
+    assert optimizers == [{"lr": 3e-4, "weight_decay": 0}] and clips == [2.5, 2.5]
+    for model, target, kwargs in seen:
+        assert target is not model  # the base targets come from the EMA copy
+        given = [kwargs.get(k) for k in ("method", "kappa", "order", "rectify_weight")]
+        assert given == ["rcgm", 0.3, 3, 0.3]
+    seen.clear()
+    sq.main(train_flags(assets, cache, tmp_path / "no_ema", 1))  # --ema 0: the model builds its own targets
+    assert [target is model for model, target, _ in seen] == [True]
+
+
 def test_an_infinite_gradient_stops_before_the_update(assets, cache, tmp_path, monkeypatch):
     monkeypatch.setattr(sq, "training_loss", infinite_gradient(sq.training_loss))
     with counting_optimizer_steps() as steps, pytest.raises(SystemExit, match="gradient norm is (inf|nan) at step 0"):
@@ -474,7 +505,9 @@ def test_two_rank_fsdp2_trains_saves_shards_resumes_exactly_and_exports(assets, 
     assert os.path.isfile(os.path.join(newest, "rng_rank1.pt"))
     whole = json.load(open(os.path.join(newest, "train_state.json")))
     assert whole["world"] == 2 and [log["step"] for log in whole["logs"]] == [0, 1, 2]
-    check_two_ranks(tmp_path / "whole", steps=3, same_weights=False)  # each rank drew batches of its own
+    ranks = check_two_ranks(tmp_path / "whole", steps=3, same_weights=False)  # each rank drew batches of its own
+    for log, loss0, loss1 in zip(whole["logs"], ranks[0]["losses"], ranks[1]["losses"]):
+        assert log["loss"] == pytest.approx((loss0 + loss1) / 2)  # the log holds the mean over ranks
     # resume from the step-2 checkpoint: step 2's loss is the uninterrupted run's
     shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_0000003")
