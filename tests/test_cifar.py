@@ -56,6 +56,23 @@ def test_loader_reads_the_pickle_layout_and_flips(data_root):
     assert all(s or m for s, m in zip(same, mirrored)) and 0 < sum(mirrored) < 40
 
 
+def test_loader_keeps_rows_columns_and_channels_and_maps_0_255_to_minus_1_1(tmp_path, monkeypatch):
+    """A pickle row is channel-major (R, G, B planes of 32 × 32, row by row): red rises along the columns,
+    green down the rows, blue is 255. The loader gives (N, 3, H, W) uint8 and the model range is
+    pixel/127.5 − 1, so 0 → −1 and 255 → 1."""
+    monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda *args, **kwargs: True)
+    root = write_cifar(str(tmp_path), per_batch=1, n_test=1)
+    rows, columns = np.meshgrid(np.arange(32), np.arange(32), indexing="ij")
+    image = np.stack([columns * 8, rows * 8, np.full((32, 32), 255)]).astype(np.uint8)
+    with open(os.path.join(root, "cifar-10-batches-py", "data_batch_1"), "wb") as f:
+        pickle.dump({"data": image.reshape(1, 3072), "labels": [3]}, f)
+    images, labels = cifar_twinflow.load_cifar(root, train=True, download=False)
+    assert torch.equal(images[0], torch.from_numpy(image)) and labels[0] == 3
+    x = cifar_twinflow.to_model_range(images[:1])
+    assert x[0, 2].eq(1).all() and x[0, 0, :, 0].eq(-1).all()
+    torch.testing.assert_close(x[0, 0, 5, 7], torch.tensor(7 * 8 / 127.5 - 1))
+
+
 def test_missing_data_is_a_one_line_error(tmp_path):
     with pytest.raises(SystemExit) as e:
         cifar_twinflow.main(tiny(str(tmp_path / "empty"), tmp_path / "o"))
@@ -150,13 +167,33 @@ def test_the_ema_builds_its_targets_without_dropout(data_root, tmp_path, monkeyp
     modes = []
 
     def record(model, ema, *args, **kwargs):
-        modes.append((model.training, ema.training))
+        modes.append((model.training, ema.training, kwargs["rectify_with_ema"]))
         return original(model, ema, *args, **kwargs)
 
     original = cifar_twinflow.training_loss
     monkeypatch.setattr(cifar_twinflow, "training_loss", record)
     cifar_twinflow.main(tiny(data_root, tmp_path / "o", "--dropout", "0.1", "--train-steps", "1"))
-    assert modes == [(True, False)]  # the model trains with dropout; the EMA's targets have none
+    assert modes == [(True, False, True)]  # the model trains with dropout; the EMA's targets, and Δv, have none
+    modes.clear()
+    cifar_twinflow.main(tiny(data_root, tmp_path / "no", "--dropout", "0", "--train-steps", "1"))
+    assert modes == [(True, False, False)]  # without dropout Δv comes from the model, as the authors do
+
+
+def test_class_labels_the_null_class_and_the_clip_reach_the_update(data_root, tmp_path, monkeypatch):
+    seen, clips, real_loss, real_clip = [], [], cifar_twinflow.training_loss, torch.nn.utils.clip_grad_norm_
+
+    def spy(model, ema, x, **kwargs):
+        seen.append((kwargs["cond"]["y"].clone(), kwargs["null_cond"]["y"].clone(), kwargs["kappa"]))
+        return real_loss(model, ema, x, **kwargs)
+    monkeypatch.setattr(cifar_twinflow, "training_loss", spy)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: clips.append(max_norm) or
+                        real_clip(params, max_norm))
+    cifar_twinflow.main(tiny(data_root, tmp_path / "o", "--class-cond", "--label-dropout", "0.25", "--kappa", "0.3",
+                             "--clip", "2.5", "--batch", "32"))
+    labels = torch.cat([y for y, _, _ in seen])
+    assert all((null == 10).all() and kappa == 0.3 for _, null, kappa in seen)  # guidance reads the null class
+    assert 0.1 < (labels == 10).float().mean() < 0.45 and set(labels[labels != 10].tolist()) <= set(range(10))
+    assert clips == [2.5] * 3
 
 
 def test_corrupt_checkpoint_is_a_clear_error(data_root, tmp_path):
