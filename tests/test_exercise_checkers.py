@@ -2,6 +2,7 @@
 planted wrong answers with the right diagnosis, and the learner stubs stay unsolved."""
 import importlib
 import os
+import re
 import sys
 
 import pytest
@@ -281,15 +282,15 @@ PLANTED = [
     ("enhanced", flipped_enhanced, "sign"),
     ("enhanced", shuffled_enhanced, "use null_cond"),
     ("enhanced", grad_enhanced, "under torch.no_grad"),
-    ("enhanced", half_kappa_enhanced, "does not hold"),
-    ("enhanced", jump_enhanced, "does not hold"),
+    ("enhanced", half_kappa_enhanced, "κ·(F⁻(x_t, t, t | cond)"),
+    ("enhanced", jump_enhanced, "κ·(F⁻(x_t, t, t | cond)"),
 ]
 
 
 @pytest.mark.parametrize("name, wrong, diagnosis", PLANTED, ids=[f"{p[0]}-{p[1].__qualname__}" for p in PLANTED])
 def test_every_checker_catches_its_planted_wrong_answers(name, wrong, diagnosis):
     check, _ = REFERENCES[name]
-    with pytest.raises(AssertionError, match=diagnosis):
+    with pytest.raises(AssertionError, match=re.escape(diagnosis)):  # the diagnosis as written
         check(wrong)
 
 

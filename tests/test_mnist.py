@@ -385,7 +385,7 @@ def test_sample_and_eval_write_into_eval_beside_their_checkpoint_unless_told():
 def test_two_process_ddp_on_cpu(data_root, tmp_path):
     """Two gloo ranks: batches of their own, gradients averaged (the same weights on both)."""
     out = tmp_path / "ddp"
-    command = probe_command("mnist_twinflow", tiny(data_root, out, "--train-steps", "3"))
+    command = probe_command("mnist_twinflow", tiny(data_root, out, "--train-steps", "3", "--lr", "3e-4"))
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-2000:]
@@ -396,11 +396,18 @@ def test_two_process_ddp_on_cpu(data_root, tmp_path):
                                               "grid_nfe4.png", "grid_nfe3.png", "losses.png", "metrics.json"])
     state = torch.load(out / "checkpoint.pt", weights_only=False)
     assert state["logs"][0]["loss"] == pytest.approx((ranks[0]["losses"][0] + ranks[1]["losses"][0]) / 2)  # the mean
-    assert state["opt"]["param_groups"][0]["lr"] == state["config"]["lr"]  # --lr as given, whatever the world size
-    small = subprocess.run(probe_command("mnist_twinflow", tiny(data_root, tmp_path / "small", "--batch", "6")),
-                           cwd=ROOT, capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert small.returncode != 0 and "--batch 6 over 2 rank(s)" in small.stderr  # 3 a rank: twinflow needs 4
+    assert state["opt"]["param_groups"][0]["lr"] == 3e-4  # --lr as given, not scaled by the world size
+
+
+def test_batch_is_checked_per_rank(data_root, tmp_path, monkeypatch, capsys):
+    """--batch 6 over two ranks is 3 a rank, and twinflow splits each rank's batch in four parts."""
+    monkeypatch.setattr(mnist_twinflow, "setup_distributed", lambda args: (0, 2, torch.device("cpu")))
+    torn_down = []
+    monkeypatch.setattr(mnist_twinflow.dist, "destroy_process_group", lambda: torn_down.append(True))
+    with pytest.raises(SystemExit):
+        mnist_twinflow.main(tiny(data_root, tmp_path / "small", "--batch", "6"))
+    assert "--batch 6 over 2 rank(s)" in capsys.readouterr().err and torn_down == [True]
+    assert not (tmp_path / "small").exists()  # stopped before anything was written
 
 
 def test_the_evaluator_is_the_same_whatever_ran_before_it(data_root, tmp_path):

@@ -403,9 +403,9 @@ def test_text_dropout_drops_that_share_of_captions(assets, cache, tmp_path, monk
 
 def test_the_flags_reach_the_loss_the_optimizer_and_the_clip_and_targets_come_from_the_ema(
         assets, cache, tmp_path, monkeypatch):
-    wraps, seen, optimizers, clips = {}, [], [], []
+    wraps, seen, optimizers, clips, emas = {}, [], [], [], []
     real_velocity_fn, real_loss, real_adamw = sq.velocity_fn, sq.training_loss, torch.optim.AdamW
-    real_clip = torch.nn.utils.clip_grad_norm_
+    real_clip, real_update_ema = torch.nn.utils.clip_grad_norm_, sq.update_ema
 
     def velocity_fn(transformer, grid):  # which transformer each velocity function runs
         velocity = real_velocity_fn(transformer, grid)
@@ -417,14 +417,22 @@ def test_the_flags_reach_the_loss_the_optimizer_and_the_clip_and_targets_come_fr
         return real_loss(model, target_model, x, **kwargs)
     monkeypatch.setattr(sq, "velocity_fn", velocity_fn)
     monkeypatch.setattr(sq, "training_loss", spy)
+    def clip_spy(params, max_norm, *args, **kwargs):
+        clips.append(max_norm)
+        return real_clip(params, max_norm, *args, **kwargs)
+
+    def update_ema_spy(ema, model, decay, *args, **kwargs):
+        emas.append((ema, decay))
+        return real_update_ema(ema, model, decay, *args, **kwargs)
     monkeypatch.setattr(torch.optim, "AdamW", lambda params, **kw: optimizers.append(kw) or real_adamw(params, **kw))
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: clips.append(max_norm) or
-                        real_clip(params, max_norm))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_spy)
+    monkeypatch.setattr(sq, "update_ema", update_ema_spy)
     sq.main(train_flags(assets, cache, tmp_path / "ema", 2, "--ema", "0.5", "--method", "rcgm", "--kappa", "0.3",
                         "--order", "3", "--rectify-weight", "0.3", "--lr", "3e-4", "--clip", "2.5"))
-    assert optimizers == [{"lr": 3e-4, "weight_decay": 0}] and clips == [2.5, 2.5]
+    assert len(optimizers) == 1 and optimizers[0]["lr"] == 3e-4 and optimizers[0].get("weight_decay") == 0
+    assert clips == [2.5, 2.5] and len(seen) == 2 and [decay for _, decay in emas] == [0.5, 0.5]
     for model, target, kwargs in seen:
-        assert target is not model  # the base targets come from the EMA copy
+        assert target is emas[0][0] and target is not model  # the base targets come from the EMA copy
         given = [kwargs.get(k) for k in ("method", "kappa", "order", "rectify_weight")]
         assert given == ["rcgm", 0.3, 3, 0.3]
     seen.clear()
